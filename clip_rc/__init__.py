@@ -1,0 +1,25 @@
+"""CLIP-RC (CVPR 2024) zero-shot semantic segmentation as a Hugging Face transformers model."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForSemanticSegmentation
+
+from .configuration_clip_rc import PRESETS, SETTINGS, CLIPRCConfig
+from .modeling_clip_rc import CLIPRCForSemanticSegmentation, CLIPRCPreTrainedModel, CLIPRCSemanticSegmenterOutput
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register(CLIPRCConfig.model_type, CLIPRCConfig, exist_ok=True)
+AutoModel.register(CLIPRCConfig, CLIPRCForSemanticSegmentation, exist_ok=True)
+AutoModelForSemanticSegmentation.register(CLIPRCConfig, CLIPRCForSemanticSegmentation, exist_ok=True)
+# Saved folders carry the code and an `auto_map`, so they load with trust_remote_code without this package.
+CLIPRCConfig.register_for_auto_class()
+CLIPRCForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+
+__all__ = [
+    "CLIPRCConfig",
+    "CLIPRCForSemanticSegmentation",
+    "CLIPRCPreTrainedModel",
+    "CLIPRCSemanticSegmenterOutput",
+    "PRESETS",
+    "SETTINGS",
+]

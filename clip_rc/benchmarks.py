@@ -1,0 +1,286 @@
+# Copyright 2024 The CLIP-RC authors and the clip-rc contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Benchmark definitions used by CLIP-RC: class names, zero-shot splits, prompt templates and palettes.
+
+Every benchmark lists its classes in train-id order, i.e. the order of the ids stored in the label maps
+that [`clip_rc.data.load_segmentation_dataset`] returns (255 is the ignore index everywhere).
+
+- `"voc"`: PASCAL VOC 2012 without background (20 classes, the reference's `ZeroPascalVOCDataset20`).
+  Unseen classes 15..19 (pottedplant, sheep, sofa, train, tvmonitor). One prompt template,
+  [`VOC_TEMPLATES`]. Palette: mmsegmentation's VOC palette without the background colour.
+- `"coco-stuff"`: COCO-Stuff 164k, 171 classes spelled as mmsegmentation's `COCOStuffDataset.CLASSES`.
+  Unseen ids 19 23 28 29 36 51 76 88 94 112 133 136 137 157 160 (the reference's `unseen_idx`).
+  The 15 templates of [`COCO_STUFF_TEMPLATES`]. Palette: mmsegmentation's `COCOStuffDataset.PALETTE`
+  (the reference copy changes two of its colours; mmsegmentation's is kept here).
+- `"pascal-context-59"` / `"pascal-context-60"`: PASCAL Context as mmsegmentation's `PascalContextDataset59`
+  (background dropped) and `PascalContextDataset` (background is class 0). The reference only scores
+  Context cross-dataset with a model trained on COCO-Stuff, so it uses [`COCO_STUFF_TEMPLATES`] for its prompts.
+  Neither the reference nor ZegCLIP documents a seen/unseen split for Context, so `unseen_class_ids` is
+  empty: every class counts as seen, and "unseen" metrics are not defined for these benchmarks.
+"""
+
+from dataclasses import dataclass
+
+
+__all__ = [
+    "Benchmark",
+    "BENCHMARKS",
+    "COCO_STUFF_TEMPLATES",
+    "VOC_TEMPLATES",
+    "get_benchmark",
+]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """
+    A semantic segmentation benchmark as CLIP-RC trains and scores it.
+
+    Args:
+        name (`str`):
+            Short identifier, the key of [`BENCHMARKS`] (e.g. `"voc"`).
+        class_names (`tuple[str, ...]`):
+            Class names in train-id order: label id `k` in a label map means `class_names[k]`.
+        unseen_class_ids (`tuple[int, ...]`):
+            Ids of the classes held out in the zero-shot (inductive / transductive) setting; `()` if the
+            benchmark has no zero-shot split.
+        templates (`tuple[str, ...]`):
+            Prompt templates with one `"{}"` placeholder for the class name. The text embedding of a class is
+            the renormalised mean of the normalised embeddings of its prompts.
+        palette (`tuple[tuple[int, int, int], ...]`):
+            One RGB colour per class, for visualisation.
+        ignore_index (`int`, *optional*, defaults to 255):
+            Label value of pixels that are not scored and carry no training signal.
+    """
+
+    name: str
+    class_names: tuple[str, ...]
+    unseen_class_ids: tuple[int, ...]
+    templates: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    ignore_index: int = 255
+
+    def __post_init__(self):
+        num_classes = len(self.class_names)
+        if len(set(self.class_names)) != num_classes:
+            raise ValueError(f"Benchmark {self.name!r} has duplicate class names.")
+        if len(self.palette) != num_classes:
+            raise ValueError(
+                f"Benchmark {self.name!r} has {len(self.palette)} palette colours for {num_classes} classes."
+            )
+        if any(not 0 <= class_id < num_classes for class_id in self.unseen_class_ids):
+            raise ValueError(f"Benchmark {self.name!r} has unseen class ids outside [0, {num_classes}).")
+        if len(set(self.unseen_class_ids)) != len(self.unseen_class_ids):
+            raise ValueError(f"Benchmark {self.name!r} has duplicate unseen class ids.")
+        if not self.templates or any(template.count("{}") != 1 for template in self.templates):
+            raise ValueError(f"Benchmark {self.name!r} needs templates with exactly one '{{}}' placeholder each.")
+        if 0 <= self.ignore_index < num_classes:
+            raise ValueError(f"Benchmark {self.name!r} has an ignore index that is also a class id.")
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (the label ids are `0 .. num_classes - 1`)."""
+        return len(self.class_names)
+
+    @property
+    def seen_class_ids(self) -> tuple[int, ...]:
+        """Ids of the classes seen in training in the zero-shot setting, ascending."""
+        unseen = set(self.unseen_class_ids)
+        return tuple(class_id for class_id in range(self.num_classes) if class_id not in unseen)
+
+    @property
+    def seen_class_names(self) -> tuple[str, ...]:
+        """Names of the seen classes, in the order of [`Benchmark.seen_class_ids`]."""
+        return tuple(self.class_names[class_id] for class_id in self.seen_class_ids)
+
+    @property
+    def unseen_class_names(self) -> tuple[str, ...]:
+        """Names of the unseen classes, in the order of [`Benchmark.unseen_class_ids`]."""
+        return tuple(self.class_names[class_id] for class_id in self.unseen_class_ids)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Mapping from label id to class name, as `PretrainedConfig.id2label` expects."""
+        return dict(enumerate(self.class_names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        """Mapping from class name to label id, as `PretrainedConfig.label2id` expects."""
+        return {name: class_id for class_id, name in enumerate(self.class_names)}
+
+    def prompts(self, class_name: str) -> list[str]:
+        """The prompts of one class: every template filled with `class_name`."""
+        return [template.format(class_name) for template in self.templates]
+
+
+VOC_TEMPLATES = ("a photo of a {}",)
+
+COCO_STUFF_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "a {} in the scene.",
+    "a photo of a {} in the scene.",
+    "There is a {} in the scene.",
+    "There is the {} in the scene.",
+    "This is a {} in the scene.",
+    "This is the {} in the scene.",
+    "This is one {} in the scene.",
+)
+
+VOC_CLASS_NAMES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+# mmsegmentation's VOC colours without the background one (black).
+VOC_PALETTE = (
+    (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128), (128, 128, 128),
+    (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0), (64, 0, 128), (192, 0, 128), (64, 128, 128),
+    (192, 128, 128), (0, 64, 0), (128, 64, 0), (0, 192, 0), (128, 192, 0), (0, 64, 128),
+)  # fmt: skip
+
+COCO_STUFF_CLASS_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush", "banner", "blanket", "branch", "bridge", "building-other",
+    "bush", "cabinet", "cage", "cardboard", "carpet", "ceiling-other", "ceiling-tile", "cloth", "clothes",
+    "clouds", "counter", "cupboard", "curtain", "desk-stuff", "dirt", "door-stuff", "fence", "floor-marble",
+    "floor-other", "floor-stone", "floor-tile", "floor-wood", "flower", "fog", "food-other", "fruit",
+    "furniture-other", "grass", "gravel", "ground-other", "hill", "house", "leaves", "light", "mat", "metal",
+    "mirror-stuff", "moss", "mountain", "mud", "napkin", "net", "paper", "pavement", "pillow", "plant-other",
+    "plastic", "platform", "playingfield", "railing", "railroad", "river", "road", "rock", "roof", "rug",
+    "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow", "solid-other", "stairs", "stone",
+    "straw", "structural-other", "table", "tent", "textile-other", "towel", "tree", "vegetable", "wall-brick",
+    "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile", "wall-wood", "water-other",
+    "waterdrops", "window-blind", "window-other", "wood",
+)  # fmt: skip
+
+COCO_STUFF_UNSEEN_CLASS_IDS = (19, 23, 28, 29, 36, 51, 76, 88, 94, 112, 133, 136, 137, 157, 160)
+
+# mmsegmentation's COCOStuffDataset.PALETTE (it repeats a few colours; kept as is).
+COCO_STUFF_PALETTE = (
+    (0, 192, 64), (0, 192, 64), (0, 64, 96), (128, 192, 192), (0, 64, 64), (0, 192, 224), (0, 192, 192),
+    (128, 192, 64), (0, 192, 96), (128, 192, 64), (128, 32, 192), (0, 0, 224), (0, 0, 64), (0, 160, 192),
+    (128, 0, 96), (128, 0, 192), (0, 32, 192), (128, 128, 224), (0, 0, 192), (128, 160, 192), (128, 128, 0),
+    (128, 0, 32), (128, 32, 0), (128, 0, 128), (64, 128, 32), (0, 160, 0), (0, 0, 0), (192, 128, 160),
+    (0, 32, 0), (0, 128, 128), (64, 128, 160), (128, 160, 0), (0, 128, 0), (192, 128, 32), (128, 96, 128),
+    (0, 0, 128), (64, 0, 32), (0, 224, 128), (128, 0, 0), (192, 0, 160), (0, 96, 128), (128, 128, 128),
+    (64, 0, 160), (128, 224, 128), (128, 128, 64), (192, 0, 32), (128, 96, 0), (128, 0, 192), (0, 128, 32),
+    (64, 224, 0), (0, 0, 64), (128, 128, 160), (64, 96, 0), (0, 128, 192), (0, 128, 160), (192, 224, 0),
+    (0, 128, 64), (128, 128, 32), (192, 32, 128), (0, 64, 192), (0, 0, 32), (64, 160, 128), (128, 64, 64),
+    (128, 0, 160), (64, 32, 128), (128, 192, 192), (0, 0, 160), (192, 160, 128), (128, 192, 0), (128, 0, 96),
+    (192, 32, 0), (128, 64, 128), (64, 128, 96), (64, 160, 0), (0, 64, 0), (192, 128, 224), (64, 32, 0),
+    (0, 192, 128), (64, 128, 224), (192, 160, 0), (0, 192, 0), (192, 128, 96), (192, 96, 128), (0, 64, 128),
+    (64, 0, 96), (64, 224, 128), (128, 64, 0), (192, 0, 224), (64, 96, 128), (128, 192, 128), (64, 0, 224),
+    (192, 224, 128), (128, 192, 64), (192, 0, 96), (192, 96, 0), (128, 64, 192), (0, 128, 96), (0, 224, 0),
+    (64, 64, 64), (128, 128, 224), (0, 96, 0), (64, 192, 192), (0, 128, 224), (128, 224, 0), (64, 192, 64),
+    (128, 128, 96), (128, 32, 128), (64, 0, 192), (0, 64, 96), (0, 160, 128), (192, 0, 64), (128, 64, 224),
+    (0, 32, 128), (192, 128, 192), (0, 64, 224), (128, 160, 128), (192, 128, 0), (128, 64, 32), (128, 32, 64),
+    (192, 0, 128), (64, 192, 32), (0, 160, 64), (64, 0, 0), (192, 192, 160), (0, 32, 64), (64, 128, 128),
+    (64, 192, 160), (128, 160, 64), (64, 128, 0), (192, 192, 32), (128, 96, 192), (64, 0, 128), (64, 64, 32),
+    (0, 224, 192), (192, 0, 0), (192, 64, 160), (0, 96, 192), (192, 128, 128), (64, 64, 160), (128, 224, 192),
+    (192, 128, 64), (192, 64, 32), (128, 96, 64), (192, 0, 192), (0, 192, 32), (64, 224, 64), (64, 0, 64),
+    (128, 192, 160), (64, 96, 64), (64, 128, 192), (0, 192, 160), (192, 224, 64), (64, 128, 64), (128, 192, 32),
+    (192, 32, 192), (64, 64, 192), (0, 64, 32), (64, 160, 192), (192, 64, 64), (128, 64, 160), (64, 32, 192),
+    (192, 192, 192), (0, 64, 160), (192, 160, 192), (192, 192, 0), (128, 64, 96), (192, 32, 64), (192, 64, 128),
+    (64, 192, 96), (64, 160, 64), (64, 64, 0),
+)  # fmt: skip
+
+PASCAL_CONTEXT_59_CLASS_NAMES = (
+    "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle", "building",
+    "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow", "cup", "curtain", "dog",
+    "door", "fence", "floor", "flower", "food", "grass", "ground", "horse", "keyboard", "light", "motorbike",
+    "mountain", "mouse", "person", "plate", "platform", "pottedplant", "road", "rock", "sheep", "shelves",
+    "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train", "tree", "truck", "tvmonitor", "wall",
+    "water", "window", "wood",
+)  # fmt: skip
+
+# mmsegmentation's PascalContextDataset59 palette; PascalContextDataset prepends (120, 120, 120) for background.
+PASCAL_CONTEXT_59_PALETTE = (
+    (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80), (140, 140, 140), (204, 5, 255),
+    (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7), (150, 5, 61), (120, 120, 70), (8, 255, 51),
+    (255, 6, 82), (143, 255, 140), (204, 255, 4), (255, 51, 7), (204, 70, 3), (0, 102, 200), (61, 230, 250),
+    (255, 6, 51), (11, 102, 255), (255, 7, 71), (255, 9, 224), (9, 7, 230), (220, 220, 220), (255, 9, 92),
+    (112, 9, 255), (8, 255, 214), (7, 255, 224), (255, 184, 6), (10, 255, 71), (255, 41, 10), (7, 255, 255),
+    (224, 255, 8), (102, 8, 255), (255, 61, 6), (255, 194, 7), (255, 122, 8), (0, 255, 20), (255, 8, 41),
+    (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20), (0, 163, 255), (140, 140, 140), (250, 10, 15),
+    (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0), (153, 255, 0), (0, 0, 255), (255, 71, 0),
+    (0, 235, 255), (0, 173, 255), (31, 0, 255),
+)  # fmt: skip
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "voc": Benchmark(
+        name="voc",
+        class_names=VOC_CLASS_NAMES,
+        unseen_class_ids=(15, 16, 17, 18, 19),
+        templates=VOC_TEMPLATES,
+        palette=VOC_PALETTE,
+    ),
+    "coco-stuff": Benchmark(
+        name="coco-stuff",
+        class_names=COCO_STUFF_CLASS_NAMES,
+        unseen_class_ids=COCO_STUFF_UNSEEN_CLASS_IDS,
+        templates=COCO_STUFF_TEMPLATES,
+        palette=COCO_STUFF_PALETTE,
+    ),
+    "pascal-context-59": Benchmark(
+        name="pascal-context-59",
+        class_names=PASCAL_CONTEXT_59_CLASS_NAMES,
+        unseen_class_ids=(),
+        templates=COCO_STUFF_TEMPLATES,
+        palette=PASCAL_CONTEXT_59_PALETTE,
+    ),
+    "pascal-context-60": Benchmark(
+        name="pascal-context-60",
+        class_names=("background",) + PASCAL_CONTEXT_59_CLASS_NAMES,
+        unseen_class_ids=(),
+        templates=COCO_STUFF_TEMPLATES,
+        palette=((120, 120, 120),) + PASCAL_CONTEXT_59_PALETTE,
+    ),
+}
+
+
+def get_benchmark(name: str | Benchmark) -> Benchmark:
+    """
+    Look up a benchmark by name.
+
+    Args:
+        name (`str` or [`Benchmark`]):
+            One of the keys of [`BENCHMARKS`]; a [`Benchmark`] is returned unchanged.
+
+    Returns:
+        [`Benchmark`]: The benchmark definition.
+
+    Raises:
+        `ValueError`: If `name` is not a known benchmark; the message lists the allowed names.
+    """
+    if isinstance(name, Benchmark):
+        return name
+    if name not in BENCHMARKS:
+        allowed = ", ".join(repr(key) for key in BENCHMARKS)
+        raise ValueError(f"Unknown benchmark {name!r}; expected one of {allowed}.")
+    return BENCHMARKS[name]

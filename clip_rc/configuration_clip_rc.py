@@ -1,0 +1,262 @@
+"""CLIP-RC model configuration."""
+
+from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
+from transformers.utils import logging
+
+from .benchmarks import get_benchmark
+
+
+logger = logging.get_logger(__name__)
+
+SETTINGS = ("inductive", "transductive", "fully")
+
+# Loss weights (mask, dice, recovery) and prompt counts of the reference's six recipes (SPEC §4 and §1).
+_PRESET_RECIPES = {
+    ("voc", "inductive"): {"num_prompt_tokens": 10, "loss_weights": (100.0, 1.0, 2.0)},
+    ("voc", "transductive"): {"num_prompt_tokens": 10, "loss_weights": (100.0, 1.0, 2.0)},
+    ("voc", "fully"): {"num_prompt_tokens": 10, "loss_weights": (100.0, 1.0, 0.0)},
+    ("coco-stuff", "inductive"): {"num_prompt_tokens": 100, "loss_weights": (200.0, 3.0, 50.0)},
+    ("coco-stuff", "transductive"): {"num_prompt_tokens": 100, "loss_weights": (200.0, 3.0, 50.0)},
+    ("coco-stuff", "fully"): {"num_prompt_tokens": 100, "loss_weights": (100.0, 1.5, 1.0)},
+}
+PRESETS = tuple(f"{benchmark}-{setting}" for benchmark, setting in _PRESET_RECIPES)
+
+# The reference subtracts 0.1 from the scores of the classes its head was trained on, except in the
+# transductive stage, which trains on every class and calibrates nothing.
+_SEEN_SCORE_BIAS = {"inductive": 0.1, "transductive": 0.0, "fully": 0.1}
+
+# OpenAI's ViT-B/16 image tower, the backbone of every reference recipe.
+_VIT_B_16 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+             "patch_size": 16, "image_size": 224, "projection_dim": 512}
+
+
+class CLIPRCConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`CLIPRCForSemanticSegmentation`]: a CLIP model (vision and text towers) extended with deep
+    visual prompts, a Region-Level Bridge of region tokens and a region-alignment decoder (Zhang et al., "Exploring
+    Regional Clues in CLIP for Zero-Shot Semantic Segmentation", CVPR 2024).
+
+    The defaults reproduce the reference's PASCAL VOC inductive recipe on CLIP ViT-B/16; the six reference recipes
+    are available through [`CLIPRCConfig.from_preset`].
+
+    Args:
+        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
+            The CLIP image tower. Defaults to ViT-B/16.
+        text_config (`dict` or `CLIPTextConfig`, *optional*):
+            The CLIP text tower. Defaults to CLIP's 12-layer, 512-wide text transformer.
+        projection_dim (`int`, *optional*, defaults to 512):
+            Width E of CLIP's joint image-text embedding space.
+        crop_size (`int`, *optional*, defaults to 512):
+            Side of the square training crop and of the sliding inference window; sets the position table
+            (1 + (crop_size / patch_size)² rows) and the region-token attention mask.
+        sliding_window_stride (`int`, *optional*, defaults to 426):
+            Stride of the sliding inference windows.
+        num_prompt_tokens (`int`, *optional*, defaults to 10):
+            Number P of visual prompt tokens inserted after the class token in every layer.
+        region_grid_size (`int`, *optional*, defaults to 4):
+            The patch grid is cut into `region_grid_size`² cells, one region token each.
+        train_region_tokens (`bool`, *optional*, defaults to `False`):
+            The reference keeps the region tokens frozen at their CLIP initialisation; `True` trains them.
+        decoder_hidden_size (`int`, *optional*, defaults to 512):
+            Width of the region-alignment decoder.
+        decoder_num_attention_heads (`int`, *optional*, defaults to 8):
+            Heads of every decoder cross-attention.
+        decoder_num_layers (`int`, *optional*, defaults to 3):
+            Number of (query, pixel) cross-attention layer pairs.
+        decoder_intermediate_size (`int`, *optional*, defaults to 2048):
+            Width of the decoder feed-forward layers.
+        recovery_num_layers (`int`, *optional*, defaults to 1):
+            Number of layer pairs of the recovery decoder used by the recovery loss.
+        prompt_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout on the projected prompt tokens.
+        decoder_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout on the decoder residual branches and inside its feed-forward layers.
+        decoder_attention_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout on the decoder attention probabilities.
+        focal_alpha (`float`, *optional*, defaults to 0.25), focal_gamma (`float`, *optional*, defaults to 2.0):
+            Parameters of the sigmoid focal loss.
+        mask_loss_weight (`float`, *optional*, defaults to 100.0), dice_loss_weight (`float`, *optional*, defaults to 1.0),
+        recovery_loss_weight (`float`, *optional*, defaults to 2.0):
+            Weights of the focal, dice and (each of the two) recovery L1 losses.
+        setting (`str`, *optional*, defaults to `"inductive"`):
+            `"inductive"` trains on seen-class pixels and seen-class text only; `"transductive"` feeds every class to
+            the head and pseudo-labels unseen pixels; `"fully"` trains on every class.
+        seen_class_ids (`list[int]`, *optional*):
+            The zero-shot split: ids (into `id2label`) of the seen classes. `None` means every class is seen.
+        seen_score_bias (`float`, *optional*):
+            Subtracted from the sigmoid scores of the classes the head was trained on. Defaults to the reference's
+            value for `setting` (0.1 inductive and fully, 0.0 transductive).
+        prompt_templates (`list[str]`, *optional*):
+            Text templates, each with one `{}` for the class name; class embeddings average over them.
+        benchmark (`str`, *optional*):
+            Name of the benchmark the class list comes from (informational; used by the scripts).
+        ignore_index (`int`, *optional*, defaults to 255):
+            Label value of pixels that carry no class.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated normal initialisation of the decoder.
+    """
+
+    model_type = "clip_rc"
+    sub_configs_defaults = {"vision_config": CLIPVisionConfig, "text_config": CLIPTextConfig}
+
+    vision_config: dict | CLIPVisionConfig | None = None
+    text_config: dict | CLIPTextConfig | None = None
+    projection_dim: int = 512
+    crop_size: int = 512
+    sliding_window_stride: int = 426
+    num_prompt_tokens: int = 10
+    region_grid_size: int = 4
+    train_region_tokens: bool = False
+    decoder_hidden_size: int = 512
+    decoder_num_attention_heads: int = 8
+    decoder_num_layers: int = 3
+    decoder_intermediate_size: int = 2048
+    recovery_num_layers: int = 1
+    prompt_dropout: float = 0.1
+    decoder_dropout: float = 0.1
+    decoder_attention_dropout: float = 0.1
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    mask_loss_weight: float = 100.0
+    dice_loss_weight: float = 1.0
+    recovery_loss_weight: float = 2.0
+    setting: str = "inductive"
+    seen_class_ids: list[int] | None = None
+    seen_score_bias: float | None = None
+    prompt_templates: list[str] | None = None
+    benchmark: str | None = None
+    ignore_index: int = 255
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        if self.vision_config is None:
+            self.vision_config = CLIPVisionConfig(**_VIT_B_16)
+        if self.id2label is None and kwargs.get("num_labels") is None:
+            voc = get_benchmark("voc")
+            self.id2label = dict(enumerate(voc.class_names))
+            self.benchmark = self.benchmark or voc.name
+            if self.seen_class_ids is None:
+                self.seen_class_ids = list(voc.seen_class_ids)
+        if self.prompt_templates is None:
+            self.prompt_templates = ["a photo of a {}"]
+        if self.seen_score_bias is None and self.setting in SETTINGS:
+            self.seen_score_bias = _SEEN_SCORE_BIAS[self.setting]
+        super().__post_init__(**kwargs)
+        if self.label2id is None or len(self.label2id) != len(self.id2label):
+            self.label2id = {name: index for index, name in self.id2label.items()}
+        self.prompt_templates = list(self.prompt_templates)
+        if self.seen_class_ids is not None:
+            self.seen_class_ids = [int(class_id) for class_id in self.seen_class_ids]
+        self._validate()
+
+    def _validate(self):
+        if self.setting not in SETTINGS:
+            raise ValueError(f"`setting` must be one of {SETTINGS}, got {self.setting!r}.")
+        patch_size = self.vision_config.patch_size
+        if self.crop_size % patch_size != 0:
+            raise ValueError(
+                f"`crop_size` ({self.crop_size}) must be a multiple of the vision patch size ({patch_size})."
+            )
+        patch_grid = self.crop_size // patch_size
+        if self.region_grid_size < 1 or patch_grid % self.region_grid_size != 0:
+            divisors = [size for size in range(1, patch_grid + 1) if patch_grid % size == 0]
+            raise ValueError(
+                f"`region_grid_size` ({self.region_grid_size}) must divide the patch grid of {patch_grid}x{patch_grid}"
+                f" (crop_size {self.crop_size} / patch_size {patch_size}); allowed values: {divisors}."
+            )
+        if not 0 < self.sliding_window_stride <= self.crop_size:
+            raise ValueError(
+                f"`sliding_window_stride` must be in [1, crop_size={self.crop_size}], got {self.sliding_window_stride}."
+            )
+        if self.num_prompt_tokens < 1:
+            raise ValueError(f"`num_prompt_tokens` must be at least 1, got {self.num_prompt_tokens}.")
+        if self.decoder_hidden_size % self.decoder_num_attention_heads != 0:
+            raise ValueError(
+                f"`decoder_hidden_size` ({self.decoder_hidden_size}) must be a multiple of "
+                f"`decoder_num_attention_heads` ({self.decoder_num_attention_heads})."
+            )
+        for template in self.prompt_templates:
+            if template.count("{}") != 1:
+                raise ValueError(f"every entry of `prompt_templates` needs exactly one '{{}}', got {template!r}.")
+        if not self.prompt_templates:
+            raise ValueError("`prompt_templates` must hold at least one template.")
+        if self.seen_class_ids is not None:
+            out_of_range = [i for i in self.seen_class_ids if not 0 <= i < self.num_labels]
+            if out_of_range:
+                raise ValueError(
+                    f"`seen_class_ids` must lie in [0, {self.num_labels - 1}] (num_labels={self.num_labels}); "
+                    f"out of range: {out_of_range}."
+                )
+            duplicated = sorted({i for i in self.seen_class_ids if self.seen_class_ids.count(i) > 1})
+            if duplicated:
+                raise ValueError(f"`seen_class_ids` must not repeat ids; repeated: {duplicated}.")
+            if not self.seen_class_ids:
+                raise ValueError("`seen_class_ids` must name at least one class (or be None: every class seen).")
+        if self.setting == "transductive" and not self.unseen_class_ids:
+            raise ValueError(
+                "`setting='transductive'` pseudo-labels unseen classes, but `seen_class_ids` covers every class; "
+                "give a zero-shot split or use setting 'fully'."
+            )
+
+    @property
+    def resolved_seen_class_ids(self) -> list[int]:
+        """Seen class ids, every class when `seen_class_ids` is None."""
+        if self.seen_class_ids is None:
+            return list(range(self.num_labels))
+        return sorted(self.seen_class_ids)
+
+    @property
+    def unseen_class_ids(self) -> list[int]:
+        seen = set(self.resolved_seen_class_ids)
+        return [i for i in range(self.num_labels) if i not in seen]
+
+    @property
+    def trained_class_ids(self) -> list[int]:
+        """Classes whose masks supervise the head: the seen ones, or all of them in the fully supervised setting.
+        Their inference scores are lowered by `seen_score_bias`."""
+        if self.setting == "fully":
+            return list(range(self.num_labels))
+        return self.resolved_seen_class_ids
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.id2label[i] for i in range(self.num_labels)]
+
+    @property
+    def num_region_tokens(self) -> int:
+        return self.region_grid_size**2
+
+    @property
+    def patch_grid_size(self) -> int:
+        return self.crop_size // self.vision_config.patch_size
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "CLIPRCConfig":
+        """
+        The configuration of one of the reference's six recipes, full size (CLIP ViT-B/16):
+        `voc-inductive`, `voc-transductive`, `voc-fully`, `coco-stuff-inductive`, `coco-stuff-transductive`,
+        `coco-stuff-fully`. Keyword arguments override any field (e.g. smaller towers for tests).
+        """
+        benchmark_name, _, setting = name.rpartition("-")
+        recipe = _PRESET_RECIPES.get((benchmark_name, setting))
+        if recipe is None:
+            raise ValueError(f"Unknown preset {name!r}; allowed presets: {', '.join(PRESETS)}.")
+        benchmark = get_benchmark(benchmark_name)
+        mask_weight, dice_weight, recovery_weight = recipe["loss_weights"]
+        values = {
+            "id2label": dict(enumerate(benchmark.class_names)),
+            # Fully supervised models still report seen / unseen figures on the benchmark's zero-shot split.
+            "seen_class_ids": list(benchmark.seen_class_ids),
+            "setting": setting,
+            "benchmark": benchmark.name,
+            "num_prompt_tokens": recipe["num_prompt_tokens"],
+            "mask_loss_weight": mask_weight,
+            "dice_loss_weight": dice_weight,
+            "recovery_loss_weight": recovery_weight,
+            "prompt_templates": list(benchmark.templates),
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+__all__ = ["CLIPRCConfig", "PRESETS", "SETTINGS"]

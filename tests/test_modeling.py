@@ -1,0 +1,521 @@
+"""Behaviour of CLIPRCForSemanticSegmentation on tiny configurations (SPEC §1-4)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForSemanticSegmentation, CLIPConfig, CLIPModel
+
+from clip_rc import CLIPRCConfig, CLIPRCForSemanticSegmentation
+from clip_rc.modeling_clip_rc import build_region_attention_mask, resize_position_table, sliding_windows
+
+from .conftest import TINY_TEXT, TINY_VISION, tiny_config, tiny_model, without_dropout
+
+
+def random_batch(batch_size=2, size=64, num_classes=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch_size, 3, size, size, generator=generator)
+    labels = torch.randint(0, num_classes, (batch_size, size, size), generator=generator)
+    labels[:, :5] = 255
+    return pixel_values, labels
+
+
+# ---- shapes ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_classes", [3, 171])
+def test_logit_shapes_follow_the_class_count(model, num_classes):
+    model.eval()
+    text_embeds = F.normalize(torch.randn(num_classes, 24), dim=-1)
+    output = model(torch.randn(2, 3, 64, 64), text_embeds=text_embeds)
+    assert output.logits.shape == (2, num_classes, 8, 8)
+    assert output.loss is None and output.class_ids is None
+
+
+def test_persisted_class_embeddings_are_used_without_text(model):
+    model.eval()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    output = model(pixel_values)
+    assert output.class_ids.tolist() == [0, 1, 2]
+    explicit = model(pixel_values, text_embeds=model.class_embeddings)
+    torch.testing.assert_close(output.logits, explicit.logits)
+
+
+def test_missing_class_embeddings_raise():
+    model = CLIPRCForSemanticSegmentation(tiny_config())
+    with pytest.raises(ValueError, match="no class embeddings"):
+        model(torch.randn(1, 3, 64, 64))
+
+
+def test_tuple_output(model):
+    model.eval()
+    logits = model(torch.randn(1, 3, 64, 64), return_dict=False)[0]
+    assert logits.shape == (1, 3, 8, 8)
+
+
+# ---- the region attention mask ---------------------------------------------------------------------------------
+
+
+def test_region_attention_mask_structure():
+    num_prompts, grid, cells = 3, 8, 2
+    allowed = build_region_attention_mask(num_prompts, grid, grid, cells)
+    first_patch, first_region = 1 + num_prompts, 1 + num_prompts + grid * grid
+    assert allowed.shape == (first_region + cells * cells,) * 2
+    # Class, prompt and patch tokens see each other freely.
+    assert allowed[:first_region, :first_region].all()
+    # Class and prompt tokens see no region token.
+    assert not allowed[:first_patch, first_region:].any()
+    for row in range(grid):
+        for col in range(grid):
+            patch = first_patch + row * grid + col
+            cell = (row // (grid // cells)) * cells + col // (grid // cells)
+            visible_regions = allowed[patch, first_region:].nonzero().flatten().tolist()
+            assert visible_regions == [cell]
+    for cell in range(cells * cells):
+        region = first_region + cell
+        seen = set(allowed[region].nonzero().flatten().tolist())
+        cell_row, cell_col = divmod(cell, cells)
+        expected = {
+            first_patch + row * grid + col
+            for row in range(cell_row * 4, cell_row * 4 + 4)
+            for col in range(cell_col * 4, cell_col * 4 + 4)
+        } | {region}
+        assert seen == expected
+
+
+def test_attention_weights_respect_the_region_mask():
+    config = tiny_config(attn_implementation="eager")
+    model = tiny_model(config).eval()
+    output = model(torch.randn(1, 3, 64, 64), output_attentions=True)
+    assert len(output.attentions) == 2
+    allowed = build_region_attention_mask(3, 8, 8, 2)
+    for attention in output.attentions:
+        assert attention.shape == (1, 4, *allowed.shape)
+        assert torch.all(attention[..., ~allowed] == 0)
+        assert torch.all(attention.sum(-1).sub(1).abs() < 1e-5)
+        # Every allowed pair gets some weight (softmax of finite scores).
+        assert torch.all(attention[0, :, allowed] > 0)
+
+
+def test_output_attentions_needs_eager_attention(model):
+    with pytest.raises(ValueError, match="eager"):
+        model(torch.randn(1, 3, 64, 64), output_attentions=True)
+
+
+def test_one_layer_tower_keeps_region_tokens_local():
+    vision = dict(TINY_VISION, num_hidden_layers=1)
+    model = tiny_model(tiny_config(vision_config=vision)).eval()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    changed = pixel_values.clone()
+    changed[:, :, 32:, :32] += 3.0  # the bottom-left cell of the 2x2 grid (index 2)
+    before = model.get_image_features(pixel_values).region_embeds.flatten(2)
+    after = model.get_image_features(changed).region_embeds.flatten(2)
+    difference = (before - after).abs().amax(dim=1)[0]
+    assert difference[2] > 1e-3
+    assert torch.all(difference[[0, 1, 3]] < 1e-6)
+
+
+# ---- trainable parameters ---------------------------------------------------------------------------------------
+
+
+def test_trainable_parameters_are_the_references(model):
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    vision_trainable = {name for name in trainable if name.startswith("vision_model.")}
+    assert vision_trainable == {
+        "vision_model.prompt_embeddings",
+        "vision_model.deep_prompt_embeddings",
+        "vision_model.prompt_proj.weight",
+        "vision_model.prompt_proj.bias",
+        "vision_model.prompt_norm.weight",
+        "vision_model.prompt_norm.bias",
+    }
+    head = {name for name, _ in model.named_parameters() if name.startswith("decode_head.")}
+    assert head and head <= trainable
+    assert trainable == vision_trainable | head
+
+
+def test_region_tokens_train_when_asked():
+    model = tiny_model(tiny_config(train_region_tokens=True))
+    assert model.vision_model.region_tokens.requires_grad
+
+
+def test_frozen_parts_get_no_gradient(model):
+    pixel_values, labels = random_batch()
+    model(pixel_values, labels=labels).loss.backward()
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            assert parameter.grad is None, name
+    assert model.vision_model.prompt_embeddings.grad.abs().sum() > 0
+    assert model.decode_head.q_proj.weight.grad.abs().sum() > 0
+
+
+# ---- losses and settings ----------------------------------------------------------------------------------------
+
+
+def test_loss_terms_are_weighted_and_finite():
+    config = without_dropout()
+    model = tiny_model(config)
+    pixel_values, labels = random_batch()
+    output = model(pixel_values, labels=labels)
+    assert set(output.loss_dict) == {"loss_focal", "loss_dice", "loss_recovery_query", "loss_recovery_pixel"}
+    assert torch.isfinite(output.loss)
+    torch.testing.assert_close(output.loss, sum(output.loss_dict.values()))
+
+    unweighted = tiny_model(without_dropout(mask_loss_weight=1.0, dice_loss_weight=1.0, recovery_loss_weight=1.0))
+    plain = unweighted(pixel_values, labels=labels).loss_dict
+    torch.testing.assert_close(output.loss_dict["loss_focal"], 100 * plain["loss_focal"])
+    torch.testing.assert_close(output.loss_dict["loss_recovery_pixel"], 2 * plain["loss_recovery_pixel"])
+
+
+def test_loss_falls_over_twenty_steps():
+    torch.manual_seed(0)
+    model = tiny_model(without_dropout(setting="fully"))
+    pixel_values, labels = random_batch(batch_size=2)
+    labels = torch.zeros_like(labels)
+    labels[:, :, 32:] = 1
+    labels[:, 32:, :] = 2
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(20):
+        loss = model(pixel_values, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_inductive_training_sees_seen_classes_only():
+    model = tiny_model(without_dropout())
+    pixel_values, labels = random_batch()
+    output = model(pixel_values, labels=labels)
+    assert output.logits.shape[1] == 2
+    assert output.class_ids.tolist() == [0, 1]
+
+    # Unseen pixels (class 2) never contribute: turning them into ignore pixels changes nothing.
+    unseen_ignored = labels.masked_fill(labels == 2, 255)
+    again = model(pixel_values, labels=unseen_ignored)
+    for name, value in output.loss_dict.items():
+        torch.testing.assert_close(value, again.loss_dict[name], msg=name)
+
+
+def test_inductive_targets_reindex_seen_classes():
+    model = tiny_model(without_dropout(id2label={i: str(i) for i in range(4)}, seen_class_ids=[1, 3]))
+    lookup = model._id_lookup([1, 3], "cpu")
+    labels = torch.tensor([[0, 1, 2, 3, 255]])
+    assert lookup[labels].tolist() == [[255, 0, 255, 1, 255]]
+
+
+def test_transductive_pseudo_labels_are_unseen_classes_only():
+    config = without_dropout(id2label={i: str(i) for i in range(5)}, seen_class_ids=[0, 1], setting="transductive")
+    model = tiny_model(config)
+    labels = torch.tensor([[[0, 1, 2, 3, 4, 255]]])
+    mask_logits = torch.randn(1, 5, 1, 6)
+    mask_logits[:, :2] += 100  # seen classes score highest everywhere: pseudo labels must still be unseen
+    targets = model._pseudo_label_unseen(mask_logits, labels, model._id_lookup(list(range(5)), "cpu")[labels])
+    assert targets[0, 0, :2].tolist() == [0, 1]
+    assert targets[0, 0, 5].item() == 255
+    expected = (mask_logits[0, 2:, 0, 2:5].argmax(dim=0) + 2).tolist()
+    assert targets[0, 0, 2:5].tolist() == expected
+    assert set(targets[0, 0, 2:5].tolist()) <= {2, 3, 4}
+
+
+def test_transductive_head_sees_every_class():
+    config = without_dropout(setting="transductive")
+    model = tiny_model(config)
+    pixel_values, labels = random_batch()
+    output = model(pixel_values, labels=labels)
+    assert output.logits.shape[1] == 3 and torch.isfinite(output.loss)
+
+
+def test_labels_outside_the_class_range_raise(model):
+    pixel_values, labels = random_batch()
+    labels[0, 10, 10] = 7
+    with pytest.raises(ValueError, match=r"\[7\]"):
+        model(pixel_values, labels=labels)
+
+
+def test_labels_need_the_configured_classes(model):
+    pixel_values, labels = random_batch()
+    with pytest.raises(ValueError, match="3 classes"):
+        model(pixel_values, labels=labels, text_embeds=F.normalize(torch.randn(5, 24), dim=-1))
+
+
+# ---- inference --------------------------------------------------------------------------------------------------
+
+
+def test_calibrated_scores_lower_seen_classes(model):
+    model.eval()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    logits = model(pixel_values).logits
+    expected = F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False).sigmoid()
+    expected[:, :2] -= 0.1
+    torch.testing.assert_close(model.sliding_window_scores(pixel_values), expected)
+
+
+def test_sliding_windows_cover_every_pixel_like_the_reference():
+    for height, width in [(64, 64), (64, 130), (111, 77), (500, 513)]:
+        counts = torch.zeros(height, width)
+        windows = sliding_windows(height, width, 64, 48)
+        for top, bottom, left, right in windows:
+            assert bottom - top == 64 and right - left == 64
+            counts[top:bottom, left:right] += 1
+        assert counts.min() >= 1
+        rows = max(height - 64 + 47, 0) // 48 + 1
+        cols = max(width - 64 + 47, 0) // 48 + 1
+        assert len(windows) == rows * cols
+
+
+def test_sliding_window_on_one_crop_equals_a_single_forward(model):
+    model.eval()
+    pixel_values = torch.randn(2, 3, 64, 64)
+    labels = model.segment(pixel_values)
+    logits = model(pixel_values).logits
+    scores = F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False).sigmoid()
+    scores[:, :2] -= 0.1
+    assert torch.equal(torch.stack(labels), scores.argmax(dim=1))
+
+
+def test_sliding_window_averages_overlapping_windows(model):
+    model.eval()
+    pixel_values = torch.randn(1, 3, 64, 112)
+    scores = model.sliding_window_scores(pixel_values)
+    left = model.sliding_window_scores(pixel_values[..., :64])
+    right = model.sliding_window_scores(pixel_values[..., 48:])
+    torch.testing.assert_close(scores[..., :48], left[..., :48])
+    torch.testing.assert_close(scores[..., 64:], right[..., 16:])
+    torch.testing.assert_close(scores[..., 48:64], (left[..., 48:] + right[..., :16]) / 2)
+
+
+def test_small_and_odd_images_segment_at_their_original_size(model):
+    model.eval()
+    images = [torch.randn(3, 40, 50), torch.randn(3, 64, 131)]
+    label_maps = model.segment(images, original_sizes=[(20, 25), (64, 131)])
+    assert [tuple(label_map.shape) for label_map in label_maps] == [(20, 25), (64, 131)]
+    assert all(label_map.max() < 3 for label_map in label_maps)
+    # A small image is padded to one crop: its scores are the crop's scores cut to the image.
+    padded = F.pad(images[0][None], (0, 14, 0, 24))
+    torch.testing.assert_close(model.sliding_window_scores(images[0][None]), model.sliding_window_scores(padded)[..., :40, :50])
+
+
+def test_open_vocabulary_text_has_no_seen_offset(model):
+    model.eval()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    text_embeds = F.normalize(torch.randn(4, 24), dim=-1)
+    logits = model(pixel_values, text_embeds=text_embeds).logits
+    expected = F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False).sigmoid()
+    torch.testing.assert_close(model.sliding_window_scores(pixel_values, text_embeds=text_embeds), expected)
+
+
+def test_bf16_autocast_runs_close_to_fp32(model):
+    model.eval()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    reference = model.sliding_window_scores(pixel_values)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low_precision = model.sliding_window_scores(pixel_values)
+    assert (low_precision.float() - reference).abs().max() < 5e-2
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    pixel_values, labels = random_batch()
+    plain = tiny_model(without_dropout())
+    checkpointed = tiny_model(without_dropout())
+    checkpointed.activation_checkpointing_enable()
+    plain(pixel_values, labels=labels).loss.backward()
+    checkpointed(pixel_values, labels=labels).loss.backward()
+    torch.testing.assert_close(
+        plain.vision_model.deep_prompt_embeddings.grad, checkpointed.vision_model.deep_prompt_embeddings.grad
+    )
+
+
+def test_other_resolutions_interpolate_positions(model):
+    model.eval()
+    assert model(torch.randn(1, 3, 96, 128)).logits.shape == (1, 3, 12, 16)
+    with pytest.raises(ValueError, match="multiples of"):
+        model(torch.randn(1, 3, 72, 64))
+
+
+# ---- text side --------------------------------------------------------------------------------------------------
+
+
+def test_encode_text_averages_templates(model):
+    input_ids = torch.randint(0, 60, (3, 2, 6))
+    input_ids[..., -1] = 63  # end-of-text token
+    per_template = torch.stack([model.encode_text(input_ids[:, index]) for index in range(2)], dim=1)
+    expected = F.normalize(per_template.mean(dim=1), dim=-1)
+    torch.testing.assert_close(model.encode_text(input_ids), expected)
+    torch.testing.assert_close(model.encode_text(input_ids).norm(dim=-1), torch.ones(3))
+    output = model.eval()(torch.randn(1, 3, 64, 64), input_ids=input_ids)
+    assert output.logits.shape == (1, 3, 8, 8)
+
+
+# ---- configuration ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"region_grid_size": 3}, "region_grid_size"),
+        ({"seen_class_ids": [0, 5]}, "seen_class_ids"),
+        ({"seen_class_ids": [0, 0]}, "seen_class_ids"),
+        ({"setting": "semi"}, "setting"),
+        ({"crop_size": 60}, "crop_size"),
+        ({"prompt_templates": ["no slot"]}, "prompt_templates"),
+        ({"setting": "transductive", "seen_class_ids": [0, 1, 2]}, "transductive"),
+    ],
+)
+def test_bad_config_values_raise(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_region_grid_error_names_allowed_values():
+    with pytest.raises(ValueError, match=r"allowed values: \[1, 2, 4, 8\]"):
+        tiny_config(region_grid_size=3)
+
+
+def test_presets_follow_the_reference_recipes():
+    voc = CLIPRCConfig.from_preset("voc-inductive")
+    assert voc.num_labels == 20 and voc.unseen_class_ids == [15, 16, 17, 18, 19]
+    assert voc.id2label[15] == "pottedplant" and voc.id2label[19] == "tvmonitor"
+    assert (voc.mask_loss_weight, voc.dice_loss_weight, voc.recovery_loss_weight) == (100, 1, 2)
+    assert voc.num_prompt_tokens == 10 and voc.prompt_templates == ["a photo of a {}"]
+    assert voc.vision_config.patch_size == 16 and voc.vision_config.hidden_size == 768
+    assert voc.seen_score_bias == 0.1 and voc.crop_size == 512 and voc.sliding_window_stride == 426
+
+    assert CLIPRCConfig.from_preset("voc-fully").recovery_loss_weight == 0
+    assert CLIPRCConfig.from_preset("voc-transductive").seen_score_bias == 0.0
+    coco = CLIPRCConfig.from_preset("coco-stuff-inductive")
+    assert coco.num_labels == 171 and coco.num_prompt_tokens == 100 and len(coco.prompt_templates) == 15
+    assert coco.unseen_class_ids == [19, 23, 28, 29, 36, 51, 76, 88, 94, 112, 133, 136, 137, 157, 160]
+    assert (coco.mask_loss_weight, coco.dice_loss_weight, coco.recovery_loss_weight) == (200, 3, 50)
+    coco_fully = CLIPRCConfig.from_preset("coco-stuff-fully")
+    assert (coco_fully.mask_loss_weight, coco_fully.dice_loss_weight, coco_fully.recovery_loss_weight) == (100, 1.5, 1)
+    assert coco_fully.trained_class_ids == list(range(171))
+    with pytest.raises(ValueError, match="voc-inductive"):
+        CLIPRCConfig.from_preset("ade-inductive")
+
+
+def test_full_size_preset_builds_the_reference_shapes():
+    config = CLIPRCConfig.from_preset("voc-inductive")
+    with torch.device("meta"):
+        model = CLIPRCForSemanticSegmentation(config)
+    assert model.vision_model.embeddings.position_embedding.weight.shape == (1025, 768)
+    assert model.vision_model.region_tokens.shape == (16, 768)
+    assert model.vision_model.deep_prompt_embeddings.shape == (11, 10, 768)
+    assert model.decode_head.q_proj.weight.shape == (512, 1024)
+    assert model.decode_head.lateral_proj.weight.shape == (512, 1536)
+    assert model.decode_head.recovery.query_out.weight.shape == (1024, 512)
+
+
+# ---- saving, loading, Auto classes ------------------------------------------------------------------------------
+
+
+def test_save_and_load_give_identical_logits(model, tmp_path):
+    model.eval()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    expected = model(pixel_values).logits
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForSemanticSegmentation"].endswith("CLIPRCForSemanticSegmentation")
+    loaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, CLIPRCForSemanticSegmentation)
+    assert torch.equal(loaded(pixel_values).logits, expected)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), CLIPRCForSemanticSegmentation)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), CLIPRCConfig)
+    assert loaded.vision_model.prompt_embeddings.requires_grad and not loaded.text_model.embeddings.token_embedding.weight.requires_grad
+
+
+def test_trust_remote_code_load_in_a_fresh_process(model, tmp_path):
+    model.eval()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    torch.save(pixel_values, tmp_path / "pixels.pt")
+    torch.save(model(pixel_values).logits, tmp_path / "expected.pt")
+    model.save_pretrained(tmp_path / "model")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForSemanticSegmentation
+        model = AutoModelForSemanticSegmentation.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
+        assert "clip_rc" not in sys.modules, "the package itself was imported"
+        logits = model(torch.load({str(tmp_path / 'pixels.pt')!r})).logits
+        assert torch.equal(logits, torch.load({str(tmp_path / 'expected.pt')!r}))
+        print(type(model).__module__)
+        """
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment["HF_HOME"] = str(tmp_path / "hf_home")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "transformers_modules" in result.stdout
+
+
+# ---- initialisation from CLIP -----------------------------------------------------------------------------------
+
+
+def tiny_clip(seed=0) -> CLIPModel:
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=dict(TINY_TEXT), vision_config=dict(TINY_VISION), projection_dim=24)
+    return CLIPModel(config).eval()
+
+
+def test_from_clip_copies_towers_and_initialises_regions(tmp_path):
+    clip = tiny_clip()
+    clip.save_pretrained(tmp_path / "clip")
+    model = CLIPRCForSemanticSegmentation.from_clip(tmp_path / "clip", tiny_config())
+    clip_state = clip.state_dict()
+    model_state = model.state_dict()
+    for name in ["vision_model.encoder.layers.1.self_attn.q_proj.weight", "vision_model.post_layernorm.bias",
+                 "text_model.encoder.layers.0.mlp.fc1.weight", "text_projection.weight", "visual_projection.weight",
+                 "vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.class_embedding"]:
+        assert torch.equal(model_state[name], clip_state[name]), name
+    source = clip_state["vision_model.embeddings.position_embedding.weight"]  # 1 + 4x4 rows at 32 px
+    positions = model_state["vision_model.embeddings.position_embedding.weight"]
+    assert positions.shape == (65, 32)
+    assert torch.equal(positions[0], source[0])
+    grid = source[1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)[0]
+    torch.testing.assert_close(positions[1:], expected)
+    regions = model.vision_model.region_tokens
+    torch.testing.assert_close(regions, (source[0] + clip_state["vision_model.embeddings.class_embedding"]).expand(4, -1))
+    # The text tower encodes as CLIP does.
+    input_ids = torch.randint(0, 60, (3, 6))
+    input_ids[:, -1] = 63
+    expected_text = F.normalize(clip.get_text_features(input_ids=input_ids).pooler_output, dim=-1)
+    torch.testing.assert_close(model.encode_text(input_ids), expected_text)
+
+
+def test_resize_position_table_keeps_matching_tables():
+    table = torch.randn(65, 8)
+    assert resize_position_table(table, 8) is table
+    assert resize_position_table(table, 4).shape == (17, 8)
+
+
+def test_from_clip_folder_with_tokenizer_persists_class_embeddings(tmp_path):
+    from transformers import AutoTokenizer
+
+    from clip_rc.modeling_clip_rc import tokenize_class_prompts
+
+    from .tiny_clip import save_tiny_clip
+
+    clip_dir = save_tiny_clip(tmp_path / "clip")
+    config = tiny_config(prompt_templates=["a photo of a {}", "there is a {} in the scene"])
+    model = CLIPRCForSemanticSegmentation.from_clip(clip_dir, config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(clip_dir)
+    prompts = tokenize_class_prompts(tokenizer, ["cat", "dog", "grass"], config.prompt_templates)
+    assert prompts["input_ids"].shape[:2] == (3, 2)
+    torch.testing.assert_close(model.class_embeddings, model.encode_text(**prompts))
+    # The saved model segments without a tokenizer.
+    model.save_pretrained(tmp_path / "clip_rc")
+    loaded = CLIPRCForSemanticSegmentation.from_pretrained(tmp_path / "clip_rc").eval()
+    torch.testing.assert_close(loaded.class_embeddings, model.class_embeddings)
+    pixel_values = torch.randn(1, 3, 64, 64)
+    assert torch.equal(loaded(pixel_values).logits, model(pixel_values).logits)
