@@ -1,9 +1,10 @@
 """CLIP-RC (CVPR 2024) zero-shot semantic segmentation as a Hugging Face transformers model."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForSemanticSegmentation
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation, AutoProcessor
 
 from .configuration_clip_rc import PRESETS, SETTINGS, CLIPRCConfig
 from .modeling_clip_rc import CLIPRCForSemanticSegmentation, CLIPRCPreTrainedModel, CLIPRCSemanticSegmenterOutput
+from .processing_clip_rc import CLIPRCImageProcessor, CLIPRCProcessor
 
 
 __version__ = "0.1.0"
@@ -11,6 +12,8 @@ __version__ = "0.1.0"
 AutoConfig.register(CLIPRCConfig.model_type, CLIPRCConfig, exist_ok=True)
 AutoModel.register(CLIPRCConfig, CLIPRCForSemanticSegmentation, exist_ok=True)
 AutoModelForSemanticSegmentation.register(CLIPRCConfig, CLIPRCForSemanticSegmentation, exist_ok=True)
+AutoImageProcessor.register(CLIPRCConfig, image_processor_classes={"pil": CLIPRCImageProcessor}, exist_ok=True)
+AutoProcessor.register(CLIPRCConfig, CLIPRCProcessor, exist_ok=True)
 # Saved folders carry the code and an `auto_map`, so they load with trust_remote_code without this package.
 CLIPRCConfig.register_for_auto_class()
 CLIPRCForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
@@ -18,7 +21,9 @@ CLIPRCForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegme
 __all__ = [
     "CLIPRCConfig",
     "CLIPRCForSemanticSegmentation",
+    "CLIPRCImageProcessor",
     "CLIPRCPreTrainedModel",
+    "CLIPRCProcessor",
     "CLIPRCSemanticSegmenterOutput",
     "PRESETS",
     "SETTINGS",

@@ -1,0 +1,970 @@
+# Copyright 2024 The CLIP-RC authors and the clip-rc contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Datasets and the reference (mmsegmentation) training / evaluation transforms for CLIP-RC.
+
+Loading
+-------
+[`load_segmentation_dataset`] returns a `datasets.DatasetDict` whose splits have exactly two columns, `image` and
+`label`, both `datasets.Image(decode=False)` features that hold file paths (or the bytes of a Hub dataset). Building
+the index only lists files: no image is opened. Decoding happens lazily, sample by sample, in a
+[`SegmentationDecoder`] installed with `set_transform` on every split. The decoder
+
+- opens the image and the label map (errors name the file: missing, unreadable or truncated),
+- converts the image to RGB and reads the label map as class indices (a paletted PNG gives its palette indices,
+  never its colours),
+- checks that image and label map have the same size,
+- remaps the stored label ids to the benchmark's train ids (VOC / Context-59: background dropped, COCO-Stuff:
+  the 182 stuff-thing ids mapped to the 171 train ids) and checks them against the benchmark
+  (`on_invalid_label="error"` raises, `"ignore"` maps them to 255 with a warning).
+
+so `dataset["train"][0]` is `{"image": PIL RGB image, "label": PIL "L" image of train ids, 255 = ignore}`.
+Decoding is kept out of the `datasets.Image` feature (`decode=False`) so that these checks can name the file.
+
+`Dataset.with_transform` replaces the installed transform; use [`with_segmentation_transform`] instead to run a
+training or evaluation transform *after* the decoder.
+
+Transforms
+----------
+[`SegmentationTrainTransform`] is the reference training pipeline (mmsegmentation 0.x semantics: `Resize` with
+`img_scale=(2048, 512)` and `ratio_range=(0.5, 2.0)`, `RandomCrop(512, cat_max_ratio=0.75)`, `RandomFlip(0.5)`,
+`PhotoMetricDistortion`, `Normalize`, `Pad(512)`); [`SegmentationEvalTransform`] is the reference test-time resize
+(short side 512, aspect ratio kept) and normalisation. Both take a batch dict (`image`, `label` lists) and return
+`pixel_values` float tensors `(3, H, W)` and `labels` long tensors `(H, W)`; [`collate_fn`] batches them for a
+`torch.utils.data.DataLoader`. Resizing uses `torch.nn.functional.interpolate` without antialiasing (bilinear with
+half-pixel centres for images, nearest for labels), which is what OpenCV's `INTER_LINEAR` / `INTER_NEAREST` used by
+mmcv compute; the HSV conversions of the photometric distortion follow OpenCV's 8-bit convention (hue in [0, 180)).
+"""
+
+import io
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+from transformers.utils import logging
+
+from .benchmarks import Benchmark, get_benchmark
+from .processing_clip_rc import get_rescaled_size, resize_image_array, resize_label_array
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "COCO_STUFF_UNUSED_IDS",
+    "REFERENCE_IMAGE_MEAN",
+    "REFERENCE_IMAGE_STD",
+    "SegmentationDecoder",
+    "SegmentationEvalTransform",
+    "SegmentationTrainTransform",
+    "collate_fn",
+    "coco_stuff_train_id_lut",
+    "load_segmentation_dataset",
+    "photometric_distortion",
+    "random_crop_box",
+    "with_segmentation_transform",
+]
+
+# ImageNet statistics on 0-255 RGB, as the reference's `img_norm_cfg` (not CLIP's statistics).
+REFERENCE_IMAGE_MEAN = (123.675, 116.28, 103.53)
+REFERENCE_IMAGE_STD = (58.395, 57.12, 57.375)
+
+# Values of the original COCO-Stuff stuff-thing maps (COCO id - 1) that no annotation uses; dropping them and
+# numbering the remaining 171 values in order gives the train ids of mmsegmentation's `*_labelTrainIds.png`.
+COCO_STUFF_UNUSED_IDS = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+COCO_STUFF_NUM_STUFF_THING_IDS = 182
+
+LabelMapping = Literal["identity", "reduce_zero_label", "coco_stuff_164k", "coco_stuff_auto"]
+LABEL_MAPPINGS = ("identity", "reduce_zero_label", "coco_stuff_164k", "coco_stuff_auto")
+COCO_TRAIN_IDS_SUFFIX = "_labelTrainIds.png"
+
+_INVALID = -1
+
+
+def coco_stuff_train_id_lut(ignore_index: int = 255) -> np.ndarray:
+    """
+    Look-up table from the original COCO-Stuff stuff-thing map values to the 171 train ids.
+
+    Returns:
+        `np.ndarray` of shape `(256,)` and dtype int16: entry `v` is the train id of stored value `v`, `ignore_index`
+        for `v == 255`, and -1 for values that are not COCO-Stuff classes (the 11 unused thing ids and 182..254).
+    """
+    lut = np.full(256, _INVALID, dtype=np.int16)
+    used_ids = [value for value in range(COCO_STUFF_NUM_STUFF_THING_IDS) if value not in COCO_STUFF_UNUSED_IDS]
+    lut[used_ids] = np.arange(len(used_ids))
+    lut[255] = ignore_index
+    return lut
+
+
+def _label_lut(mapping: str, num_classes: int | None, ignore_index: int) -> np.ndarray:
+    """Look-up table (256,) int16 from stored label values to train ids; -1 marks values that are not valid."""
+    values = np.arange(256, dtype=np.int16)
+    if mapping == "coco_stuff_164k":
+        lut = coco_stuff_train_id_lut(ignore_index)
+    elif mapping == "reduce_zero_label":
+        # Background (0) is not a class: 0 -> ignore, k -> k - 1, ignore stays ignore.
+        lut = values - 1
+        lut[0] = ignore_index
+    elif mapping == "identity":
+        lut = values
+    else:
+        raise ValueError(f"Unknown label mapping {mapping!r}; expected one of {', '.join(LABEL_MAPPINGS)}.")
+    lut[ignore_index] = ignore_index
+    if num_classes is not None:
+        out_of_range = (lut >= num_classes) & (lut != ignore_index)
+        lut[out_of_range] = _INVALID
+    return lut
+
+
+def _item_path(item: Any) -> str | None:
+    """File path of a stored image (a path or a `datasets.Image` dict), `None` for in-memory images."""
+    if isinstance(item, dict):
+        return item.get("path") or None
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    return None
+
+
+def _describe(item: Any, kind: str) -> str:
+    """Human-readable name of a stored image for error messages: its path if it has one."""
+    path = _item_path(item)
+    return f"{kind} file {path}" if path else f"{kind} (in-memory {type(item).__name__})"
+
+
+def _open_image(item: Any, kind: str) -> PIL.Image.Image:
+    """Open and fully read an image given as a PIL image, an array, a path or a `datasets.Image` dict."""
+    if isinstance(item, PIL.Image.Image):
+        return item
+    if isinstance(item, np.ndarray):
+        return PIL.Image.fromarray(item)
+    if not isinstance(item, (dict, str, os.PathLike)):
+        raise TypeError(f"Cannot read a {kind} from an object of type {type(item).__name__}.")
+    path, data = _item_path(item), item.get("bytes") if isinstance(item, dict) else None
+    name = _describe(item, kind)
+    if data is None and not (path and os.path.isfile(path)):
+        raise FileNotFoundError(f"Missing {name}.")
+    try:
+        image = PIL.Image.open(io.BytesIO(data) if data is not None else path)
+        # `load` decodes the pixels now, so that truncated files fail here, with their name.
+        image.load()
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(f"Cannot read {name}: the file is unreadable or truncated ({error}).") from error
+    return image
+
+
+@dataclass
+class SegmentationDecoder:
+    """
+    Decode one batch of stored samples into an RGB image and a label map of benchmark train ids.
+
+    Installed by [`load_segmentation_dataset`] with `Dataset.set_transform`; it can also be called on any batch dict
+    whose `image` / `label` entries are PIL images, arrays, paths or `datasets.Image` dicts (`{"path", "bytes"}`).
+    Keys other than `image` and `label` pass through unchanged.
+
+    Args:
+        num_classes (`int`, *optional*):
+            Number of benchmark classes; label ids must lie in `[0, num_classes)` or equal `ignore_index` after the
+            mapping. `None` skips the range check.
+        label_mapping (`str`, *optional*, defaults to `"identity"`):
+            How stored label values become train ids: `"identity"`, `"reduce_zero_label"` (0 -> ignore, k -> k-1),
+            `"coco_stuff_164k"` (original 0..181 stuff-thing maps -> 171 train ids) or `"coco_stuff_auto"`
+            (`identity` for `*_labelTrainIds.png` files, `coco_stuff_164k` for other files).
+        on_invalid_label (`str`, *optional*, defaults to `"error"`):
+            `"error"` raises a `ValueError` naming the label file when a value is not a valid id; `"ignore"` maps
+            such values to `ignore_index` and logs a warning.
+        ignore_index (`int`, *optional*, defaults to 255):
+            Label value of unlabelled pixels.
+    """
+
+    num_classes: int | None = None
+    label_mapping: LabelMapping = "identity"
+    on_invalid_label: Literal["error", "ignore"] = "error"
+    ignore_index: int = 255
+
+    def __post_init__(self):
+        if self.label_mapping not in LABEL_MAPPINGS:
+            raise ValueError(
+                f"Unknown label mapping {self.label_mapping!r}; expected one of {', '.join(LABEL_MAPPINGS)}."
+            )
+        if self.on_invalid_label not in ("error", "ignore"):
+            raise ValueError(f"on_invalid_label must be 'error' or 'ignore', got {self.on_invalid_label!r}.")
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        output = dict(batch)
+        if "image" in batch:
+            output["image"] = [self.decode_image(item) for item in batch["image"]]
+        if "label" in batch:
+            output["label"] = [self.decode_label(item) for item in batch["label"]]
+        if "image" in batch and "label" in batch:
+            for image, label, image_item, label_item in zip(
+                output["image"], output["label"], batch["image"], batch["label"]
+            ):
+                if image.size != label.size:
+                    raise ValueError(
+                        f"Image and label map differ in size: {_describe(image_item, 'image')} is "
+                        f"{image.width}x{image.height}, {_describe(label_item, 'label')} is "
+                        f"{label.width}x{label.height} (width x height)."
+                    )
+        return output
+
+    def decode_image(self, item: Any) -> PIL.Image.Image:
+        """Open a stored image and convert it to RGB (grayscale, palette, RGBA, CMYK ... inputs)."""
+        image = _open_image(item, "image")
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+    def decode_label(self, item: Any) -> PIL.Image.Image:
+        """Open a stored label map and return it as a PIL "L" image of train ids (255 = ignore)."""
+        label = _open_image(item, "label")
+        name = _describe(item, "label")
+        if label.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
+            raise ValueError(f"The {name} is not a single-channel class-id map (PIL mode {label.mode!r}).")
+        # For mode "P" `np.asarray` gives the palette indices, which are the class ids.
+        values = np.asarray(label).astype(np.int64)
+        mapping = self.label_mapping
+        if mapping == "coco_stuff_auto":
+            is_train_ids = (_item_path(item) or "").endswith(COCO_TRAIN_IDS_SUFFIX)
+            mapping = "identity" if is_train_ids else "coco_stuff_164k"
+        lut = _label_lut(mapping, self.num_classes, self.ignore_index)
+        # 16/32-bit maps may hold values outside the table.
+        outside_table = (values < 0) | (values > 255)
+        train_ids = lut[np.where(outside_table, 0, values)].astype(np.int64)
+        train_ids[outside_table] = _INVALID
+        invalid = train_ids == _INVALID
+        if invalid.any():
+            bad_values = np.unique(values[invalid]).tolist()
+            message = (
+                f"The {name} holds values {bad_values[:10]} that are not valid ids of the benchmark "
+                f"({self.num_classes} classes, label mapping {mapping!r}, ignore index {self.ignore_index})."
+            )
+            if self.on_invalid_label == "error":
+                raise ValueError(message + " Pass on_invalid_label='ignore' to map them to the ignore index.")
+            logger.warning(message + " They are mapped to the ignore index.")
+            train_ids[invalid] = self.ignore_index
+        return PIL.Image.fromarray(train_ids.astype(np.uint8))
+
+
+class _ChainedTransform:
+    """Apply batch transforms one after another (a picklable replacement for a lambda)."""
+
+    def __init__(self, *transforms: Callable[[dict], dict]):
+        self.transforms = transforms
+
+    def __call__(self, batch: dict) -> dict:
+        for transform in self.transforms:
+            batch = transform(batch)
+        return batch
+
+
+def _installed_decoder(dataset: datasets.Dataset) -> SegmentationDecoder:
+    """The decoder installed on `dataset` by the loader, or a default one (no remapping) if there is none."""
+    transform = dataset.format.get("format_kwargs", {}).get("transform")
+    if isinstance(transform, _ChainedTransform):
+        transform = transform.transforms[0]
+    return transform if isinstance(transform, SegmentationDecoder) else SegmentationDecoder()
+
+
+def with_segmentation_transform(
+    dataset: datasets.Dataset | datasets.DatasetDict, transform: Callable[[dict], dict]
+) -> datasets.Dataset | datasets.DatasetDict:
+    """
+    Like `Dataset.with_transform`, but keeps the [`SegmentationDecoder`] of the dataset and runs `transform` on its
+    output (decoded RGB images and train-id label maps).
+
+    Args:
+        dataset (`datasets.Dataset` or `datasets.DatasetDict`):
+            A dataset from [`load_segmentation_dataset`] (or any dataset with `image` / `label` columns).
+        transform (`Callable[[dict], dict]`):
+            A batch transform, e.g. [`SegmentationTrainTransform`] or [`SegmentationEvalTransform`].
+
+    Returns:
+        A new dataset (dict) of the same type whose items are `transform(decoder(batch))`.
+    """
+    if isinstance(dataset, datasets.DatasetDict):
+        return datasets.DatasetDict(
+            {split: with_segmentation_transform(split_dataset, transform) for split, split_dataset in dataset.items()}
+        )
+    return dataset.with_transform(_ChainedTransform(_installed_decoder(dataset), transform))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Index building
+# ----------------------------------------------------------------------------------------------------------------
+
+_LAYOUT_BENCHMARKS = {
+    "voc": ("voc",),
+    "pascal-context": ("pascal-context-59", "pascal-context-60"),
+    "coco-stuff": ("coco-stuff",),
+}
+
+
+def _detect_layouts(root: Path) -> list[tuple[str, Path]]:
+    """Local benchmark trees found at `root`: a list of (layout name, dataset root)."""
+    layouts = []
+    for candidate in (root, root / "VOC2010", root / "VOCdevkit" / "VOC2010"):
+        if (candidate / "ImageSets" / "SegmentationContext").is_dir():
+            layouts.append(("pascal-context", candidate))
+            break
+    for candidate in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        is_voc = (candidate / "ImageSets" / "Segmentation").is_dir() and (candidate / "SegmentationClass").is_dir()
+        # VOC2010 also has VOC's segmentation files; with Context splits it is read as a Context tree.
+        if is_voc and not (candidate / "ImageSets" / "SegmentationContext").is_dir():
+            layouts.append(("voc", candidate))
+            break
+    if (root / "images").is_dir() and (root / "annotations").is_dir():
+        layouts.append(("coco-stuff", root))
+    return layouts
+
+
+def _read_split_file(split_file: Path) -> list[str]:
+    if not split_file.is_file():
+        raise FileNotFoundError(f"Missing split file {split_file}.")
+    with open(split_file, encoding="utf-8") as handle:
+        return [line.strip() for line in handle if line.strip()]
+
+
+def _index_from_split_file(
+    split_file: Path, image_dir: Path, label_dirs: Sequence[Path], image_suffix: str = ".jpg"
+) -> tuple[list[str], list[str]]:
+    """
+    Image and label paths of the samples named in `split_file`. The label of a sample is taken from the first of
+    `label_dirs` that has it. Raises `FileNotFoundError` naming the split file and the first missing file.
+    """
+    image_paths, label_paths = [], []
+    for name in _read_split_file(split_file):
+        image_path = image_dir / f"{name}{image_suffix}"
+        if not image_path.is_file():
+            raise FileNotFoundError(
+                f"Split file {split_file} names sample {name!r}, but its image {image_path} is missing."
+            )
+        candidates = [folder / f"{name}.png" for folder in label_dirs]
+        label_path = next((candidate for candidate in candidates if candidate.is_file()), None)
+        if label_path is None:
+            expected = " or ".join(str(candidate) for candidate in candidates)
+            raise FileNotFoundError(
+                f"Split file {split_file} names sample {name!r}, but its label {expected} is missing."
+            )
+        image_paths.append(str(image_path))
+        label_paths.append(str(label_path))
+    return image_paths, label_paths
+
+
+def _voc_index(root: Path, split: str) -> tuple[list[str], list[str]]:
+    split_dir = root / "ImageSets" / "Segmentation"
+    fine, augmented = root / "SegmentationClass", root / "SegmentationClassAug"
+    if split == "val":
+        return _index_from_split_file(split_dir / "val.txt", root / "JPEGImages", [fine, augmented])
+    # As the reference (`voc12_20_aug_512x512.py`): train.txt with SegmentationClass, aug.txt with
+    # SegmentationClassAug; either falls back to the other folder for samples it lacks.
+    image_paths, label_paths = _index_from_split_file(split_dir / "train.txt", root / "JPEGImages", [fine, augmented])
+    if (split_dir / "aug.txt").is_file():
+        aug_images, aug_labels = _index_from_split_file(split_dir / "aug.txt", root / "JPEGImages", [augmented, fine])
+        image_paths += aug_images
+        label_paths += aug_labels
+    else:
+        logger.warning(
+            f"{split_dir / 'aug.txt'} does not exist: the VOC train split has only the {len(image_paths)} samples "
+            "of train.txt, not the 10582 of the augmented set (train.txt + aug.txt) the reference trains on."
+        )
+    return image_paths, label_paths
+
+
+def _pascal_context_index(root: Path, split: str) -> tuple[list[str], list[str]]:
+    split_file = root / "ImageSets" / "SegmentationContext" / f"{split}.txt"
+    return _index_from_split_file(split_file, root / "JPEGImages", [root / "SegmentationClassContext"])
+
+
+def _coco_stuff_index(root: Path, split: str) -> tuple[list[str], list[str]]:
+    """Pairs `images/{split}2017/X.jpg` with `annotations/{split}2017/X_labelTrainIds.png` (preferred) or `X.png`."""
+    image_dir, label_dir = root / "images" / f"{split}2017", root / "annotations" / f"{split}2017"
+    for folder in (image_dir, label_dir):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"Missing COCO-Stuff folder {folder}.")
+    image_stems = sorted(entry.name[: -len(".jpg")] for entry in os.scandir(image_dir) if entry.name.endswith(".jpg"))
+    label_files = {entry.name for entry in os.scandir(label_dir) if entry.name.endswith(".png")}
+    label_stems = {name.removesuffix(COCO_TRAIN_IDS_SUFFIX).removesuffix(".png") for name in label_files}
+    image_paths, label_paths = [], []
+    for stem in image_stems:
+        for label_name in (f"{stem}{COCO_TRAIN_IDS_SUFFIX}", f"{stem}.png"):
+            if label_name in label_files:
+                break
+        else:
+            raise FileNotFoundError(
+                f"Missing label file for image {image_dir / (stem + '.jpg')}: expected "
+                f"{label_dir / (stem + COCO_TRAIN_IDS_SUFFIX)} or {label_dir / (stem + '.png')}."
+            )
+        image_paths.append(str(image_dir / f"{stem}.jpg"))
+        label_paths.append(str(label_dir / label_name))
+    orphans = sorted(label_stems - set(image_stems))
+    if orphans:
+        raise FileNotFoundError(
+            f"Missing image file {image_dir / (orphans[0] + '.jpg')} for the label map of {orphans[0]!r} in "
+            f"{label_dir} ({len(orphans)} label maps have no image)."
+        )
+    return image_paths, label_paths
+
+
+_TREE_INDEXERS = {"voc": _voc_index, "pascal-context": _pascal_context_index, "coco-stuff": _coco_stuff_index}
+_TREE_SPLITS = {"voc": ("train", "val"), "pascal-context": ("train", "val"), "coco-stuff": ("train", "val")}
+
+
+def _select_splits(available: Sequence[str], splits: Sequence[str] | str | None, source: str) -> list[str]:
+    if splits is None:
+        return list(available)
+    splits = [splits] if isinstance(splits, str) else list(splits)
+    unknown = [split for split in splits if split not in available]
+    if unknown:
+        raise ValueError(f"Unknown split(s) {unknown} for {source}; available splits: {list(available)}.")
+    return splits
+
+
+def _path_features() -> datasets.Features:
+    return datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Image(decode=False)})
+
+
+def _load_tree(layout: str, root: Path, splits: Sequence[str] | str | None) -> datasets.DatasetDict:
+    indexer = _TREE_INDEXERS[layout]
+    dataset_dict = {}
+    for split in _select_splits(_TREE_SPLITS[layout], splits, str(root)):
+        image_paths, label_paths = indexer(root, split)
+        dataset_dict[split] = datasets.Dataset.from_dict(
+            {"image": image_paths, "label": label_paths}, features=_path_features(), split=split
+        )
+    return datasets.DatasetDict(dataset_dict)
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _load_repository(
+    source: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
+    data_dir: str | None,
+    image_column: str,
+    label_column: str,
+    splits: Sequence[str] | str | None,
+) -> datasets.DatasetDict:
+    """Load a Hub / local dataset repository and bring it to the `image` / `label` schema (no decoding)."""
+    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+        loaded, name = source, "the given dataset"
+    elif Path(source).is_dir() and _is_saved_dataset(Path(source)):
+        loaded, name = datasets.load_from_disk(os.fspath(source)), os.fspath(source)
+    else:
+        loaded, name = datasets.load_dataset(os.fspath(source), data_dir=data_dir), os.fspath(source)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({str(loaded.split or "train"): loaded})
+
+    dataset_dict = {}
+    for split in _select_splits(list(loaded.keys()), splits, name):
+        dataset = loaded[split]
+        columns = {image_column: "image", label_column: "label"}
+        missing = [column for column in columns if column not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"Split {split!r} of {name} has no column(s) {missing}; its columns are {dataset.column_names}. "
+                "Pass image_column= and label_column=."
+            )
+        extra = [column for column in dataset.column_names if column not in columns]
+        if extra:
+            logger.info(f"Dropping columns {extra} of split {split!r} of {name}: only image and label are kept.")
+            dataset = dataset.remove_columns(extra)
+        for column in columns:
+            feature = dataset.features[column]
+            is_path = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+            if not (isinstance(feature, datasets.Image) or is_path):
+                raise ValueError(
+                    f"Column {column!r} of split {split!r} of {name} must be a datasets.Image feature or hold file "
+                    f"paths, got {feature}."
+                )
+        dataset = dataset.rename_columns({old: new for old, new in columns.items() if old != new})
+        # `cast_column` to an Image feature only changes the feature (and path strings to Image storage); unlike
+        # `cast` it does not rewrite the dataset.
+        for column, feature in _path_features().items():
+            dataset = dataset.cast_column(column, feature)
+        dataset_dict[split] = dataset
+    return datasets.DatasetDict(dataset_dict)
+
+
+def load_segmentation_dataset(
+    source: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
+    *,
+    benchmark: str | Benchmark | None = None,
+    data_dir: str | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    splits: Sequence[str] | str | None = None,
+    label_mapping: Literal["identity", "reduce_zero_label", "coco_stuff_164k"] = "identity",
+    on_invalid_label: Literal["error", "ignore"] = "error",
+) -> datasets.DatasetDict:
+    """
+    Load a semantic segmentation dataset as a `DatasetDict` with lazily decoded `image` and `label` columns.
+
+    `source` can be:
+
+    - a local PASCAL VOC 2012 tree (the `VOCdevkit` folder, `VOCdevkit/VOC2012` or a folder holding `VOC2012`) with
+      `JPEGImages`, `SegmentationClass`, `SegmentationClassAug` and `ImageSets/Segmentation/{train,val,aug}.txt`:
+      `train` = train.txt (labels from `SegmentationClass`) + aug.txt (labels from `SegmentationClassAug`), `val` =
+      val.txt; background is dropped (0 -> 255, k -> k-1). Benchmark `"voc"`.
+    - a local COCO-Stuff 164k tree with `images/{train,val}2017/*.jpg` and `annotations/{train,val}2017/` holding
+      either `*_labelTrainIds.png` (171 train ids, used as stored) or the original `*.png` stuff-thing maps (0..181,
+      mapped to the 171 train ids). Benchmark `"coco-stuff"`.
+    - a local PASCAL Context tree in mmsegmentation layout (`VOCdevkit/VOC2010` with `JPEGImages`,
+      `SegmentationClassContext`, `ImageSets/SegmentationContext/{train,val}.txt`). Benchmark `"pascal-context-59"`
+      (default; background dropped) or `"pascal-context-60"` (background kept as class 0).
+    - anything else: a dataset saved with `save_to_disk`, a local dataset repository (parquet / arrow / imagefolder)
+      or a Hub dataset name, loaded with `datasets` (`data_dir` is passed to `datasets.load_dataset`), or an
+      in-memory `Dataset` / `DatasetDict`. `image_column` / `label_column` name its columns (renamed to
+      `image` / `label`; other columns are dropped); `label_mapping` says how its stored label values become train
+      ids (`"identity"`, `"reduce_zero_label"` or `"coco_stuff_164k"`).
+
+    Building the index only lists files (and checks that every image named in a split file, and its label map,
+    exist); nothing is decoded. Each split gets a [`SegmentationDecoder`] as its format transform, so indexing a split
+    returns `{"image": PIL RGB image, "label": PIL "L" image of train ids (255 = ignore)}`. Use
+    [`with_segmentation_transform`] to add a training or evaluation transform on top of it.
+
+    Args:
+        source (`str`, `os.PathLike`, `datasets.Dataset` or `datasets.DatasetDict`):
+            Where the data is (see above).
+        benchmark (`str` or [`Benchmark`], *optional*):
+            The benchmark whose train ids the labels hold. Inferred for the VOC and COCO-Stuff trees; for PASCAL
+            Context it selects 59 or 60 classes. For datasets loaded with `datasets`, `None` skips the id check.
+        data_dir (`str`, *optional*):
+            `data_dir` of `datasets.load_dataset` (a sub-folder of a dataset repository).
+        image_column (`str`, *optional*, defaults to `"image"`):
+            Name of the image column of a dataset loaded with `datasets`.
+        label_column (`str`, *optional*, defaults to `"label"`):
+            Name of the label-map column of a dataset loaded with `datasets`.
+        splits (`str` or `Sequence[str]`, *optional*):
+            Splits to load; all available splits by default.
+        label_mapping (`str`, *optional*, defaults to `"identity"`):
+            Stored-value-to-train-id mapping of a dataset loaded with `datasets` (local trees set their own).
+        on_invalid_label (`str`, *optional*, defaults to `"error"`):
+            What decoding does with a label value that is not a train id of the benchmark nor 255: `"error"` raises
+            a `ValueError` naming the file, `"ignore"` maps it to 255 and logs a warning.
+
+    Returns:
+        `datasets.DatasetDict`: one `Dataset` per split with `image` and `label` columns
+        (`datasets.Image(decode=False)` features) and a [`SegmentationDecoder`] format transform.
+
+    Raises:
+        `FileNotFoundError`: A split file, or an image or label map it names, is missing.
+        `ValueError`: Unknown benchmark, split or column, or a benchmark that does not fit the tree.
+    """
+    benchmark = get_benchmark(benchmark) if benchmark is not None else None
+    layouts = []
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        layouts = _detect_layouts(Path(source))
+        if benchmark is not None:
+            layouts = [(layout, root) for layout, root in layouts if benchmark.name in _LAYOUT_BENCHMARKS[layout]]
+        if len(layouts) > 1:
+            found = ", ".join(f"{layout} at {root}" for layout, root in layouts)
+            raise ValueError(f"{source} holds several benchmark trees ({found}); pass benchmark= to choose one.")
+
+    if layouts:
+        if label_mapping != "identity":
+            raise ValueError(
+                f"label_mapping={label_mapping!r} applies to datasets loaded with `datasets`; the {layouts[0][0]} "
+                f"tree at {source} sets its own."
+            )
+        layout, root = layouts[0]
+        if benchmark is None:
+            benchmark = get_benchmark(_LAYOUT_BENCHMARKS[layout][0])
+        dataset_dict = _load_tree(layout, root, splits)
+        tree_mapping = {
+            "voc": "reduce_zero_label",
+            "coco-stuff": "coco_stuff_auto",
+            "pascal-context": "reduce_zero_label" if benchmark.name == "pascal-context-59" else "identity",
+        }[layout]
+        decoder = SegmentationDecoder(benchmark.num_classes, tree_mapping, on_invalid_label, benchmark.ignore_index)
+        sizes = ", ".join(f"{split}={len(split_dataset)}" for split, split_dataset in dataset_dict.items())
+        logger.info(f"Indexed the {layout} tree at {root}: {sizes}.")
+    else:
+        dataset_dict = _load_repository(source, data_dir, image_column, label_column, splits)
+        if label_mapping not in ("identity", "reduce_zero_label", "coco_stuff_164k"):
+            raise ValueError(
+                f"label_mapping must be 'identity', 'reduce_zero_label' or 'coco_stuff_164k', got {label_mapping!r}."
+            )
+        num_classes = benchmark.num_classes if benchmark is not None else None
+        ignore_index = benchmark.ignore_index if benchmark is not None else 255
+        decoder = SegmentationDecoder(num_classes, label_mapping, on_invalid_label, ignore_index)
+
+    dataset_dict.set_transform(decoder)
+    return dataset_dict
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Augmentation primitives (mmsegmentation semantics, numpy arrays in HWC uint8 RGB / HW uint8 labels)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _as_arrays(image: Any, label: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 RGB image and (H, W) uint8 label map from PIL images or arrays."""
+    if isinstance(image, PIL.Image.Image):
+        image = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"Expected an RGB image of shape (H, W, 3), got an array of shape {image.shape}.")
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"Expected a label map of shape (H, W), got an array of shape {label.shape}.")
+    if image.shape[:2] != label.shape:
+        raise ValueError(f"Image {image.shape[:2]} and label map {label.shape} differ in size.")
+    return image.astype(np.uint8, copy=False), label.astype(np.uint8, copy=False)
+
+
+def random_crop_box(
+    label: np.ndarray,
+    crop_size: tuple[int, int],
+    rng: np.random.Generator,
+    cat_max_ratio: float = 0.75,
+    ignore_index: int = 255,
+    max_tries: int = 10,
+) -> tuple[int, int, int, int]:
+    """
+    Random crop box with mmsegmentation's `RandomCrop(cat_max_ratio)` rule.
+
+    A box of `crop_size` (clipped to the image) is drawn uniformly; while the box's most frequent class covers
+    `cat_max_ratio` or more of its labelled (non-`ignore_index`) pixels, or the box holds fewer than two classes, a
+    new box is drawn, `max_tries` times at most. As in mmsegmentation, the box drawn after the last failed try is
+    used as is.
+
+    Args:
+        label (`np.ndarray` of shape `(H, W)`):
+            Label map of the image to crop.
+        crop_size (`tuple[int, int]`):
+            `(height, width)` of the crop.
+        rng (`np.random.Generator`):
+            Source of randomness.
+
+    Returns:
+        `tuple[int, int, int, int]`: `(top, bottom, left, right)`, to slice `[top:bottom, left:right]`.
+    """
+    height, width = label.shape
+    margin_h, margin_w = max(height - crop_size[0], 0), max(width - crop_size[1], 0)
+
+    def draw() -> tuple[int, int, int, int]:
+        top, left = int(rng.integers(0, margin_h + 1)), int(rng.integers(0, margin_w + 1))
+        return top, top + crop_size[0], left, left + crop_size[1]
+
+    box = draw()
+    if cat_max_ratio < 1.0:
+        for _ in range(max_tries):
+            top, bottom, left, right = box
+            ids, counts = np.unique(label[top:bottom, left:right], return_counts=True)
+            counts = counts[ids != ignore_index]
+            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+                break
+            box = draw()
+    return box
+
+
+def _rgb_to_hsv_uint8(image: np.ndarray) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> HSV uint8 with OpenCV's 8-bit ranges (H in [0, 180), S and V in [0, 255])."""
+    rgb = image.astype(np.float32)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    value = rgb.max(axis=-1)
+    delta = value - rgb.min(axis=-1)
+    saturation = np.where(value > 0, delta * 255.0 / np.maximum(value, 1e-6), 0.0)
+    safe_delta = np.maximum(delta, 1e-6)
+    hue = np.where(
+        value == red,
+        60.0 * (green - blue) / safe_delta,
+        np.where(value == green, 120.0 + 60.0 * (blue - red) / safe_delta, 240.0 + 60.0 * (red - green) / safe_delta),
+    )
+    hue = np.where(delta > 0, hue, 0.0)
+    hue = np.where(hue < 0, hue + 360.0, hue)
+    hue = np.round(hue / 2.0) % 180
+    return np.stack([hue, np.round(saturation), value], axis=-1).astype(np.uint8)
+
+
+def _hsv_to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """Inverse of `_rgb_to_hsv_uint8`."""
+    hsv = image.astype(np.float32)
+    hue, saturation, value = hsv[..., 0] * 2.0 / 60.0, hsv[..., 1] / 255.0, hsv[..., 2]
+    sector = np.floor(hue)
+    fraction = hue - sector
+    sector = sector.astype(np.int64) % 6
+    p = value * (1.0 - saturation)
+    q = value * (1.0 - saturation * fraction)
+    t = value * (1.0 - saturation * (1.0 - fraction))
+    red = np.choose(sector, [value, q, p, p, t, value])
+    green = np.choose(sector, [t, value, value, q, p, p])
+    blue = np.choose(sector, [p, p, t, value, value, q])
+    return np.clip(np.round(np.stack([red, green, blue], axis=-1)), 0, 255).astype(np.uint8)
+
+
+def _scale_and_shift(image: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """`image * alpha + beta`, clipped to [0, 255] and truncated to uint8 (mmseg's `PhotoMetricDistortion.convert`)."""
+    return np.clip(image.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def photometric_distortion(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    brightness_delta: int = 32,
+    contrast_range: tuple[float, float] = (0.5, 1.5),
+    saturation_range: tuple[float, float] = (0.5, 1.5),
+    hue_delta: int = 18,
+) -> np.ndarray:
+    """
+    mmsegmentation's `PhotoMetricDistortion` on an RGB uint8 image `(H, W, 3)`.
+
+    In order, each with probability 0.5: brightness (add a uniform offset in `±brightness_delta`); contrast
+    (multiply by a uniform factor in `contrast_range`) here if the random mode is 1; saturation (scale HSV
+    saturation); hue (shift HSV hue by an integer in `[-hue_delta, hue_delta)`, modulo 180); contrast here if the
+    mode is 0. The random draws happen in the same order as in mmsegmentation.
+    """
+    if rng.integers(2):
+        image = _scale_and_shift(image, beta=rng.uniform(-brightness_delta, brightness_delta))
+    contrast_first = rng.integers(2) == 1
+    if contrast_first and rng.integers(2):
+        image = _scale_and_shift(image, alpha=rng.uniform(*contrast_range))
+    if rng.integers(2):
+        hsv = _rgb_to_hsv_uint8(image)
+        hsv[..., 1] = _scale_and_shift(hsv[..., 1], alpha=rng.uniform(*saturation_range))
+        image = _hsv_to_rgb_uint8(hsv)
+    if rng.integers(2):
+        hsv = _rgb_to_hsv_uint8(image)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + rng.integers(-hue_delta, hue_delta)) % 180
+        image = _hsv_to_rgb_uint8(hsv)
+    if not contrast_first and rng.integers(2):
+        image = _scale_and_shift(image, alpha=rng.uniform(*contrast_range))
+    return image
+
+
+def _normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 `(image - mean) / std` on the 0-255 scale."""
+    pixels = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)
+    mean_tensor = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_tensor = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (pixels - mean_tensor) / std_tensor
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+class SegmentationTrainTransform:
+    """
+    The reference training augmentation, as a batch transform for `datasets` (see [`with_segmentation_transform`]).
+
+    Per sample, with mmsegmentation's semantics: (1) rescale keeping the aspect ratio to fit
+    `(scale[0] * r, scale[1] * r)` with `r ~ U(ratio_range)` (long side <= long target, short side <= short target;
+    image bilinear, label nearest); (2) random `crop_size` crop, re-drawn up to 10 times until the most frequent class
+    covers less than `cat_max_ratio` of the crop's labelled pixels; (3) horizontal flip with probability `flip_prob`;
+    (4) photometric distortion (see [`photometric_distortion`]); (5) normalise with `image_mean` / `image_std` on
+    0-255 RGB; (6) pad bottom / right to `crop_size` (image 0 after normalisation, label `ignore_index`).
+
+    Randomness: `seed` is an `int` or a `np.random.Generator`. In the main process the transform draws from one
+    generator seeded with it, so the same seed applied to the same sequence of batches gives the same augmented
+    batches. In a `DataLoader` worker it draws from a generator seeded with `(seed, torch worker seed)`; the torch
+    worker seed is `base_seed + worker_id`, where `base_seed` is drawn from the DataLoader's torch generator every
+    epoch, so workers and epochs get different streams that are reproducible when torch is seeded (pass
+    `generator=torch.Generator().manual_seed(...)` to the DataLoader or call `torch.manual_seed`). `seed=None` draws
+    fresh OS entropy.
+
+    Args:
+        crop_size (`int` or `tuple[int, int]`, *optional*, defaults to 512):
+            `(height, width)` of the crops and of the padded output.
+        scale (`tuple[int, int]`, *optional*, defaults to `(2048, 512)`):
+            mmsegmentation's `img_scale`: the (long, short) sizes the random ratio multiplies.
+        ratio_range (`tuple[float, float]`, *optional*, defaults to `(0.5, 2.0)`):
+            Range of the random rescale ratio.
+        cat_max_ratio (`float`, *optional*, defaults to 0.75):
+            Largest share of the crop's labelled pixels a single class may cover (1.0 disables the rule).
+        flip_prob (`float`, *optional*, defaults to 0.5):
+            Probability of a horizontal flip.
+        photometric (`bool`, *optional*, defaults to `True`):
+            Whether to apply the photometric distortion (the geometric draws do not depend on it).
+        image_mean (`tuple[float, float, float]`, *optional*, defaults to `REFERENCE_IMAGE_MEAN`):
+            Per-channel mean on the 0-255 scale.
+        image_std (`tuple[float, float, float]`, *optional*, defaults to `REFERENCE_IMAGE_STD`):
+            Per-channel standard deviation on the 0-255 scale.
+        ignore_index (`int`, *optional*, defaults to 255):
+            Label value of unlabelled and padded pixels.
+        seed (`int` or `np.random.Generator`, *optional*):
+            Seed of the augmentation randomness (see above).
+    """
+
+    def __init__(
+        self,
+        crop_size: int | tuple[int, int] = 512,
+        scale: tuple[int, int] = (2048, 512),
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        photometric: bool = True,
+        image_mean: Sequence[float] = REFERENCE_IMAGE_MEAN,
+        image_std: Sequence[float] = REFERENCE_IMAGE_STD,
+        ignore_index: int = 255,
+        seed: int | np.random.Generator | None = None,
+    ):
+        self.crop_size = _pair(crop_size)
+        self.scale = (max(scale), min(scale))
+        self.ratio_range = ratio_range
+        self.cat_max_ratio = cat_max_ratio
+        self.flip_prob = flip_prob
+        self.photometric = photometric
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
+        self.ignore_index = ignore_index
+        self.seed = seed
+        self._rng: np.random.Generator | None = None
+        self._rng_owner: tuple[int, int | None] | None = None
+
+    def _generator(self) -> np.random.Generator:
+        """The generator of the current process / DataLoader worker, created on first use there."""
+        worker_info = torch.utils.data.get_worker_info()
+        owner = (os.getpid(), worker_info.id if worker_info is not None else None)
+        if self._rng is None or self._rng_owner != owner:
+            if worker_info is None and isinstance(self.seed, np.random.Generator):
+                self._rng = self.seed
+            elif worker_info is None:
+                self._rng = np.random.default_rng(self.seed)
+            else:
+                if isinstance(self.seed, np.random.Generator):
+                    base = int(self.seed.integers(2**63))
+                elif self.seed is None:
+                    base = int(np.random.SeedSequence().entropy % 2**63)
+                else:
+                    base = self.seed
+                self._rng = np.random.default_rng([base, worker_info.seed])
+            self._rng_owner = owner
+        return self._rng
+
+    def augment(self, image: Any, label: Any, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Augment one sample.
+
+        Args:
+            image (`PIL.Image.Image` or `np.ndarray`): RGB image `(H, W, 3)` (or grayscale `(H, W)`).
+            label (`PIL.Image.Image` or `np.ndarray`): label map `(H, W)` of train ids, `ignore_index` = ignore.
+            rng (`np.random.Generator`): source of randomness.
+
+        Returns:
+            `tuple[torch.Tensor, torch.Tensor]`: normalised `pixel_values` float32 `(3, crop_h, crop_w)` and
+            `labels` int64 `(crop_h, crop_w)`.
+        """
+        image, label = _as_arrays(image, label)
+
+        ratio = rng.random() * (self.ratio_range[1] - self.ratio_range[0]) + self.ratio_range[0]
+        target_long, target_short = int(self.scale[0] * ratio), int(self.scale[1] * ratio)
+        new_size = get_rescaled_size(*label.shape, shortest_edge=target_short, longest_edge=target_long)
+        image, label = resize_image_array(image, new_size), resize_label_array(label, new_size)
+
+        top, bottom, left, right = random_crop_box(
+            label, self.crop_size, rng, cat_max_ratio=self.cat_max_ratio, ignore_index=self.ignore_index
+        )
+        image, label = image[top:bottom, left:right], label[top:bottom, left:right]
+
+        if rng.random() < self.flip_prob:
+            image, label = image[:, ::-1], label[:, ::-1]
+
+        if self.photometric:
+            image = photometric_distortion(image, rng)
+
+        pixel_values = torch.zeros((3, *self.crop_size), dtype=torch.float32)
+        labels = torch.full(self.crop_size, self.ignore_index, dtype=torch.int64)
+        height, width = label.shape
+        pixel_values[:, :height, :width] = _normalize(image, self.image_mean, self.image_std)
+        labels[:height, :width] = torch.from_numpy(label.astype(np.int64))
+        return pixel_values, labels
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list[torch.Tensor]]:
+        """
+        Args:
+            batch (`dict[str, list]`): `image` and `label` lists (decoded samples).
+
+        Returns:
+            `dict[str, list[torch.Tensor]]`: `pixel_values` (each `(3, crop_h, crop_w)` float32) and `labels` (each
+            `(crop_h, crop_w)` int64).
+        """
+        rng = self._generator()
+        pixel_values, labels = [], []
+        for image, label in zip(batch["image"], batch["label"]):
+            sample_pixels, sample_labels = self.augment(image, label, rng)
+            pixel_values.append(sample_pixels)
+            labels.append(sample_labels)
+        return {"pixel_values": pixel_values, "labels": labels}
+
+
+class SegmentationEvalTransform:
+    """
+    The reference test-time preprocessing, as a batch transform for `datasets` (see [`with_segmentation_transform`]).
+
+    Rescales the image keeping its aspect ratio so that its short side is `shortest_edge` (the reference's
+    `Resize(keep_ratio=True, min_size=512)` at scale (2048, 512), which always gives a short side of 512; pass
+    `longest_edge=2048` for the plain mmsegmentation rule that also caps the long side), bilinear, then normalises.
+    The label map keeps its original size, since predictions are resized back to it before scoring.
+
+    Args:
+        shortest_edge (`int`, *optional*, defaults to 512):
+            Short side of the resized image.
+        longest_edge (`int`, *optional*):
+            If set, the long side is capped at this size (the short side may then be smaller).
+        image_mean (`tuple[float, float, float]`, *optional*, defaults to `REFERENCE_IMAGE_MEAN`):
+            Per-channel mean on the 0-255 scale.
+        image_std (`tuple[float, float, float]`, *optional*, defaults to `REFERENCE_IMAGE_STD`):
+            Per-channel standard deviation on the 0-255 scale.
+    """
+
+    def __init__(
+        self,
+        shortest_edge: int = 512,
+        longest_edge: int | None = None,
+        image_mean: Sequence[float] = REFERENCE_IMAGE_MEAN,
+        image_std: Sequence[float] = REFERENCE_IMAGE_STD,
+    ):
+        self.shortest_edge = shortest_edge
+        self.longest_edge = longest_edge
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list[torch.Tensor]]:
+        """
+        Args:
+            batch (`dict[str, list]`): `image` and `label` lists (decoded samples).
+
+        Returns:
+            `dict[str, list[torch.Tensor]]`: `pixel_values` (each `(3, h, w)` float32, resized) and `labels` (each
+            `(H, W)` int64 at the original size).
+        """
+        pixel_values, labels = [], []
+        for image, label in zip(batch["image"], batch["label"]):
+            image, label = _as_arrays(image, label)
+            new_size = get_rescaled_size(*label.shape, self.shortest_edge, self.longest_edge)
+            pixel_values.append(_normalize(resize_image_array(image, new_size), self.image_mean, self.image_std))
+            labels.append(torch.from_numpy(label.astype(np.int64)))
+        return {"pixel_values": pixel_values, "labels": labels}
+
+
+def collate_fn(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    Collate transformed samples for a `torch.utils.data.DataLoader`.
+
+    Tensors of a key are stacked when they all have the same shape (training crops: `pixel_values` `(B, 3, H, W)`,
+    `labels` `(B, H, W)`); otherwise (evaluation images of different sizes) the key holds a list of tensors, one per
+    sample. Non-tensor values are gathered in lists.
+    """
+    batch = {}
+    for key in examples[0]:
+        values = [example[key] for example in examples]
+        same_shape = all(torch.is_tensor(value) and value.shape == values[0].shape for value in values)
+        batch[key] = torch.stack(values) if same_shape else values
+    return batch
