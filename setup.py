@@ -29,5 +29,14 @@ setup(
         "tensorboard": ["tensorboard>=2.14"],
         "plots": ["matplotlib>=3.8"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "clip-rc-train = clip_rc.training:main",
+            "clip-rc-eval = clip_rc.evaluation:main",
+            "clip-rc-predict = clip_rc.predict:main",
+            "clip-rc-convert = clip_rc.convert_original:main",
+            "clip-rc-flops = clip_rc.flops:main_flops",
+            "clip-rc-benchmark = clip_rc.benchmark:main",
+        ]
+    },
 )

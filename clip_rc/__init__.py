@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 
 from .configuration_clip_rc import PRESETS, SETTINGS, CLIPRCConfig
 from .modeling_clip_rc import CLIPRCForSemanticSegmentation, CLIPRCPreTrainedModel, CLIPRCSemanticSegmenterOutput
+from .pipelines import register_pipelines
 from .processing_clip_rc import CLIPRCImageProcessor, CLIPRCProcessor
 
 
@@ -17,6 +18,9 @@ AutoProcessor.register(CLIPRCConfig, CLIPRCProcessor, exist_ok=True)
 # Saved folders carry the code and an `auto_map`, so they load with trust_remote_code without this package.
 CLIPRCConfig.register_for_auto_class()
 CLIPRCForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+# "image-segmentation" runs the reference protocol for CLIP-RC models; "zero-shot-image-segmentation" takes
+# candidate_labels at call time.
+register_pipelines()
 
 __all__ = [
     "CLIPRCConfig",

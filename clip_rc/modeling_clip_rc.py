@@ -569,21 +569,23 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
             )
         self.class_embeddings = F.normalize(text_embeds.detach().float(), dim=-1).to(self.class_embeddings.device)
 
-    def _class_embeddings(self, text_embeds, input_ids, attention_mask) -> tuple[torch.Tensor, bool]:
-        """The (C, E) class embeddings to use, and whether they are the config's classes (from the buffer)."""
+    def _class_embeddings(self, text_embeds, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The (C, E) class embeddings to use and, when they are the config's classes (the persisted embeddings),
+        their ids; `None` for classes given at run time."""
         if text_embeds is not None:
             if text_embeds.dim() != 2 or text_embeds.shape[1] != self.config.projection_dim:
                 raise ValueError(
                     f"text_embeds must have shape (C, {self.config.projection_dim}), got {tuple(text_embeds.shape)}."
                 )
-            return text_embeds, False
+            return text_embeds, None
         if input_ids is not None:
-            return self.encode_text(input_ids, attention_mask), False
+            return self.encode_text(input_ids, attention_mask), None
         if not bool(self.class_embeddings.abs().sum() > 0):
             raise ValueError(
                 "The model has no class embeddings: pass text_embeds or input_ids, or call set_class_embeddings()."
             )
-        return self.class_embeddings, True
+        class_ids = torch.arange(self.class_embeddings.shape[0], device=self.class_embeddings.device)
+        return self.class_embeddings, class_ids
 
     # ---- image side ------------------------------------------------------------------------------------------
 
@@ -689,9 +691,8 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
             Without `text_embeds` and `input_ids`, the persisted embeddings of the config's classes are used.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        class_embeds, configured_classes = self._class_embeddings(text_embeds, input_ids, attention_mask)
+        class_embeds, class_ids = self._class_embeddings(text_embeds, input_ids, attention_mask)
         num_labels = self.config.num_labels
-        class_ids = torch.arange(class_embeds.shape[0], device=class_embeds.device) if configured_classes else None
 
         if labels is not None:
             if class_embeds.shape[0] != num_labels:
@@ -728,7 +729,7 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
         """Replace the targets of unseen-class pixels by the arg-max unseen class of the detached scores."""
         unseen = torch.tensor(self.config.unseen_class_ids, device=labels.device)
         with torch.no_grad():
-            unseen_scores = mask_logits.detach()[:, unseen]
+            unseen_scores = mask_logits.detach()[:, unseen].sigmoid()  # ties where sigmoid saturates, as the reference
             pseudo_labels = unseen[unseen_scores.argmax(dim=1)]
         unseen_pixels = torch.isin(labels, unseen)
         return torch.where(unseen_pixels, pseudo_labels, targets)
@@ -769,9 +770,8 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
         Returns:
             `torch.FloatTensor` of shape `(B, C, *output_size)` (or `(B, C, H, W)`).
         """
-        class_embeds, configured_classes = self._class_embeddings(text_embeds, input_ids, attention_mask)
+        class_embeds, class_ids = self._class_embeddings(text_embeds, input_ids, attention_mask)
         num_classes = class_embeds.shape[0]
-        class_ids = torch.arange(num_classes, device=class_embeds.device) if configured_classes else None
         offsets = self.score_offsets(class_ids, num_classes, pixel_values.device)
 
         crop, stride = self.config.crop_size, self.config.sliding_window_stride

@@ -1,0 +1,1278 @@
+"""Training of CLIP-RC with Accelerate: the reference's six recipes (SPEC §6) as an iteration-based loop.
+
+Run `python train_accelerate.py --help` (or `accelerate launch train_accelerate.py ...`, or the console entry
+`clip-rc-train`). Arguments can also come from one JSON / YAML file given as the single argument.
+
+What the loop reproduces from the reference (mmsegmentation 0.24 / mmcv 1.4 `IterBasedRunner`):
+
+- Optimiser: AdamW, base lr 2e-5 with mmcv's `paramwise_cfg` (custom keys `backbone` lr x10, `head` lr x10,
+  `text_encoder` lr x0, `norm` / `ln` decay x0; the first key found in a parameter name wins, longest key first). The
+  keys are matched against each parameter's reference name (`backbone.*`, `text_encoder.*`, `decode_head.*`), so in
+  effect every trainable parameter (prompts, prompt projection, prompt norm, the whole decode head) runs at
+  lr 2e-4 with weight decay 0.01: the norms inside the backbone and the head match `backbone` / `head` before they
+  could match `norm` / `ln`. [`reference_parameter_groups`] builds these effective groups (one per module family,
+  `backbone` and `head`) and records the multipliers it applied.
+- Schedule: mmcv's `PolyLrUpdaterHook` with linear warm-up, by iteration:
+  `regular = (lr0 - min_lr) * (1 - it / T) ** power + min_lr`, and for `it < warmup`
+  `lr = regular * (1 - (1 - it / warmup) * (1 - warmup_ratio))`, where `it` counts the optimiser updates done so far
+  (0 for the first update), `T` = the schedule's total iterations (the recipe's iterations unless told otherwise),
+  power 0.9, min_lr 1e-6, warm-up 1500 iterations from ratio 1e-6. See [`reference_learning_rate`].
+- Iterations, batch: VOC 40k (inductive, fully) / 20k (transductive, from the inductive iteration-20000 weights),
+  16 images per iteration (8 per GPU x 2); COCO-Stuff 80k / 40k, 4 per iteration (2 x 2).
+- Data: an infinite stream of per-epoch permutations (epoch `e` shuffled with `seed + e`), cut into global
+  batches that are split between processes; each sample's augmentation draws from its own generator seeded with
+  `(seed, epoch, position in epoch)`, so the stream does not depend on the number of data workers and a resumed run
+  continues exactly where the checkpoint stopped.
+- Class embeddings are computed once (by `from_clip` with the CLIP tokenizer, or loaded with a CLIP-RC checkpoint)
+  and persisted in the model; the loop never encodes text.
+
+Checkpoints (`output_dir/checkpoint-N`) are written atomically (to `output_dir/.tmp-checkpoint-N`, then renamed);
+each holds the Accelerate state (model, optimiser, scheduler, RNG of every process), `training_state.json` (step,
+data position, log history) and the model's `config.json` + processor, so a checkpoint folder also loads with
+`from_pretrained` (e.g. to start the transductive stage from `checkpoint-20000`). `--resume_from_checkpoint latest`
+takes the newest complete checkpoint (temporary and incomplete folders are ignored, and removed at start) and starts
+afresh when there is none. The final model is written beside the checkpoints with `save_pretrained`, its
+`config.json` moved in last, so `from_pretrained(output_dir)` never sees a half-written model.
+
+Processes: `python train_accelerate.py ...` runs one process; `accelerate launch --multi_gpu --num_processes N
+train_accelerate.py ...` runs N with DDP (without `find_unused_parameters`: every trainable parameter gets a gradient
+in every setting). On a machine without GPU, accelerate 1.x's `--cpu --num_processes N` starts a single process
+unless `mpirun` is used; `--multi_gpu` starts N processes, which this script then runs as one gloo process group
+(Accelerate's MULTI_CPU). All processes use the same seed (as mmseg and the HF Trainer), each its own data shard.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from huggingface_hub import HfApi
+from torch.optim.lr_scheduler import LRScheduler
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, HfArgumentParser
+from transformers.dynamic_module_utils import custom_object_save
+
+from . import PRESETS, CLIPRCConfig, CLIPRCForSemanticSegmentation
+from .benchmarks import get_benchmark
+from .data import (
+    SegmentationEvalTransform,
+    SegmentationTrainTransform,
+    collate_fn,
+    load_segmentation_dataset,
+    with_segmentation_transform,
+)
+from .evaluation import evaluate_model
+from .metrics import format_results_table
+from .processing_clip_rc import CLIPRCImageProcessor, CLIPRCProcessor
+from .utils import launched_without_accelerator, write_json_atomic
+
+
+logger = get_logger(__name__)
+
+__all__ = [
+    "DataArguments",
+    "ModelArguments",
+    "PRESET_RECIPES",
+    "PolyWarmupLR",
+    "TrainingArguments",
+    "evaluate_segmentation",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "main",
+    "parse_args",
+    "reference_learning_rate",
+    "reference_parameter_groups",
+]
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipes (SPEC §6): iterations and images per iteration (summed over the reference's 2 GPUs).
+# ---------------------------------------------------------------------------------------------------------------
+
+PRESET_RECIPES: dict[str, dict[str, int]] = {
+    "voc-inductive": {"max_steps": 40_000, "total_train_batch_size": 16},
+    "voc-transductive": {"max_steps": 20_000, "total_train_batch_size": 16},
+    "voc-fully": {"max_steps": 40_000, "total_train_batch_size": 16},
+    "coco-stuff-inductive": {"max_steps": 80_000, "total_train_batch_size": 4},
+    "coco-stuff-transductive": {"max_steps": 40_000, "total_train_batch_size": 4},
+    "coco-stuff-fully": {"max_steps": 80_000, "total_train_batch_size": 4},
+}
+assert set(PRESET_RECIPES) == set(PRESETS)
+
+# mmcv `paramwise_cfg.custom_keys` of every reference config: key -> (lr_mult, decay_mult).
+REFERENCE_CUSTOM_KEYS: dict[str, tuple[float, float]] = {
+    "backbone": (10.0, 1.0),
+    "text_encoder": (0.0, 1.0),
+    "norm": (1.0, 0.0),
+    "ln": (1.0, 0.0),
+    "head": (10.0, 1.0),
+}
+# Our module prefixes -> the reference's.
+_REFERENCE_PREFIXES = (
+    ("vision_model.", "backbone."),
+    ("visual_projection.", "backbone.proj."),
+    ("text_model.", "text_encoder."),
+    ("text_projection.", "text_encoder.text_projection."),
+    ("decode_head.", "decode_head."),
+)
+
+TRAINING_STATE_NAME = "training_state.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+TMP_CHECKPOINT_PREFIX = ".tmp-checkpoint-"
+_CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    """Where the model comes from and which recipe it follows."""
+
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reference recipe: sets the setting, class list and zero-shot split, prompt templates and tokens, "
+            "loss weights, iterations and batch size (SPEC §6). Required with --clip_model_name_or_path; with "
+            "--model_name_or_path its setting and loss weights are applied to the loaded model.",
+            "choices": list(PRESETS),
+        },
+    )
+    clip_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from CLIP (Hub id or local folder in the Hub's CLIPModel format, e.g. "
+            "openai/clip-vit-base-patch16), as the reference starts from OpenAI's ViT-B/16 (`from_clip`)."
+        },
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from CLIP-RC weights: a saved model or a checkpoint-N folder of a previous run (e.g. the "
+            "transductive stage from the inductive run's checkpoint-20000)."
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "CLIP tokenizer saved with the processor; defaults to the one beside the model / CLIP."},
+    )
+    crop_size: int | None = field(
+        default=None,
+        metadata={"help": "Training crop / sliding-window size (default: the config's, 512). Must be a multiple of "
+                  "patch_size x region_grid_size."},
+    )
+    sliding_window_stride: int | None = field(
+        default=None,
+        metadata={"help": "Stride of the evaluation windows (default: 426 at crop 512, scaled with --crop_size)."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated key=value overrides of CLIPRCConfig fields (values parsed as JSON when possible),"
+            " e.g. 'decoder_hidden_size=64,prompt_dropout=0.0'. With --model_name_or_path only fields that do not "
+            "change the architecture may be set."
+        },
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for Hub downloads."})
+
+
+@dataclass
+class DataArguments:
+    """Which data and how it is augmented."""
+
+    dataset: str = field(
+        metadata={
+            "help": "A local VOC 2012 / COCO-Stuff 164k / PASCAL Context tree, a dataset saved with save_to_disk, a "
+            "local dataset repository or a Hub dataset (see clip_rc.data.load_segmentation_dataset)."
+        }
+    )
+    benchmark: str | None = field(
+        default=None,
+        metadata={"help": "Benchmark of the labels (voc, coco-stuff, ...); defaults to the model config's."},
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "`data_dir` of datasets.load_dataset."})
+    image_column: str = field(default="image", metadata={"help": "Image column of a datasets dataset."})
+    label_column: str = field(default="label", metadata={"help": "Label-map column of a datasets dataset."})
+    label_mapping: str = field(
+        default="identity",
+        metadata={
+            "help": "How stored label values become train ids for datasets datasets (local trees set their own).",
+            "choices": ["identity", "reduce_zero_label", "coco_stuff_164k"],
+        },
+    )
+    train_split: str = field(default="train", metadata={"help": "Training split."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "Evaluation split; default: 'val' or 'validation' if present. 'none' disables evaluation."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N samples only."})
+    train_scale: list[int] | None = field(
+        default=None,
+        metadata={"help": "mmseg img_scale (long short) of the random rescale; default (2048, 512) scaled by "
+                  "crop_size / 512."},
+    )
+    photometric_distortion: bool = field(default=True, metadata={"help": "Apply PhotoMetricDistortion."})
+    eval_shortest_edge: int | None = field(
+        default=None, metadata={"help": "Short side of evaluation images (default: crop_size, as the reference)."}
+    )
+
+
+@dataclass
+class TrainingArguments:
+    """Optimisation, schedule, checkpointing and logging."""
+
+    output_dir: str = field(metadata={"help": "Where checkpoints, logs and the final model are written."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh in an output_dir that holds checkpoints (they are deleted)."},
+    )
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Training iterations (optimiser updates); default: the recipe's."}
+    )
+    total_train_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Images per iteration over all processes and accumulation steps; default: the recipe's "
+                  "(VOC 16, COCO-Stuff 4). Ignored when --per_device_train_batch_size is given."},
+    )
+    per_device_train_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Images per process and forward pass; default: total_train_batch_size / (processes x "
+                  "gradient_accumulation_steps)."},
+    )
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Forward passes per optimiser update."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Base learning rate (the reference's lr)."})
+    lr_multiplier: float = field(
+        default=10.0, metadata={"help": "Multiplier of the backbone and head custom keys (reference: 10)."}
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float | None = field(
+        default=None, metadata={"help": "Clip the gradient norm (the reference does not clip)."}
+    )
+    warmup_steps: int | None = field(default=None, metadata={"help": "Linear warm-up iterations (default 1500)."})
+    warmup_lr_ratio: float = field(default=1e-6, metadata={"help": "Warm-up starts at this fraction of the lr."})
+    lr_power: float = field(default=0.9, metadata={"help": "Power of the poly decay."})
+    min_learning_rate: float = field(default=1e-6, metadata={"help": "Final lr of the poly decay."})
+    lr_decay_steps: int | None = field(
+        default=None,
+        metadata={"help": "Iterations T of the poly decay; default: the recipe's iterations (so a shorter "
+                  "--max_steps stops the reference schedule early), or --max_steps without a recipe."},
+    )
+    scale_lr_schedule: bool = field(
+        default=False,
+        metadata={"help": "Fit the schedule to --max_steps: decay over max_steps and warm-up scaled by max_steps / "
+                  "the recipe's iterations (explicit --warmup_steps / --lr_decay_steps still win)."},
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and augmentation."})
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={"help": "Accelerate mixed precision; default: the launcher's configuration.",
+                  "choices": ["no", "fp16", "bf16", "fp8"]},
+    )
+    logging_steps: int = field(default=50, metadata={"help": "Log the training losses every N iterations."})
+    eval_steps: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate every N iterations (0: only at the end); default: the recipe's iterations / 10 "
+                  "(mmseg's schedule_20k/40k/80k intervals 2000/4000/8000)."},
+    )
+    final_evaluation: bool = field(default=True, metadata={"help": "Evaluate the final model."})
+    checkpointing_steps: int | None = field(
+        default=None,
+        metadata={"help": "Save a checkpoint every N iterations (0: never); default: the recipe's iterations / 10."},
+    )
+    checkpoints_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep only the last K checkpoints."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint-N folder, or 'latest' for the newest complete one in output_dir (a fresh "
+                  "start when there is none)."},
+    )
+    report_to: str = field(
+        default="none",
+        metadata={"help": "Trackers: none, tensorboard or all (every installed tracker).",
+                  "choices": ["none", "tensorboard", "all"]},
+    )
+    tracker_project_name: str = field(default="clip-rc", metadata={"help": "Run name of the trackers."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per process."})
+    ddp_find_unused_parameters: bool = field(
+        default=False,
+        metadata={"help": "DDP find_unused_parameters. Not needed: every trainable parameter gets a gradient in "
+                  "every setting (the reference needs it for unused self-attention weights we do not have)."},
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the final output_dir to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository (default: output_dir's name)."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Parse the command line (or `argv`); a single `.json` / `.yaml` / `.yml` argument is read as an argument file."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(yaml_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _parse_config_overrides(text: str | None) -> dict[str, Any]:
+    overrides = {}
+    if not text:
+        return overrides
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise ValueError(f"--config_overrides entries must be key=value, got {item!r}.")
+        key, value = (part.strip() for part in item.split("=", 1))
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reference_parameter_name(name: str) -> str:
+    """The reference's name of one of our parameters (`vision_model.x` -> `backbone.x`, ...)."""
+    for ours, theirs in _REFERENCE_PREFIXES:
+        if name.startswith(ours):
+            return theirs + name[len(ours) :]
+    return name
+
+
+def reference_multipliers(name: str, lr_multiplier: float = 10.0) -> tuple[float, float]:
+    """mmcv `DefaultOptimizerConstructor` (custom keys): (lr_mult, decay_mult) of a parameter from its reference
+    name; keys sorted alphabetically then longest first, the first key contained in the name wins."""
+    custom_keys = dict(REFERENCE_CUSTOM_KEYS)
+    custom_keys["backbone"] = (lr_multiplier, 1.0)
+    custom_keys["head"] = (lr_multiplier, 1.0)
+    reference_name = reference_parameter_name(name)
+    for key in sorted(sorted(custom_keys), key=len, reverse=True):
+        if key in reference_name:
+            return custom_keys[key]
+    return 1.0, 1.0
+
+
+def reference_parameter_groups(
+    model: torch.nn.Module, learning_rate: float = 2e-5, weight_decay: float = 0.01, lr_multiplier: float = 10.0
+) -> list[dict[str, Any]]:
+    """
+    AdamW parameter groups of the trainable parameters with the reference's per-name multipliers (SPEC §6).
+
+    Parameters are grouped by module family (`backbone`: everything trainable in the image tower; `head`: the decode
+    head; `other`) and multipliers; with the reference's keys this gives two groups, both at
+    `learning_rate * 10` with decay `weight_decay` (norms included, see the module docstring).
+
+    Returns:
+        `list[dict]`: groups with `params`, `lr`, `weight_decay`, `name`, `lr_mult`, `decay_mult`, `param_names`.
+    """
+    groups: dict[tuple, dict[str, Any]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        lr_mult, decay_mult = reference_multipliers(name, lr_multiplier)
+        family = reference_parameter_name(name).split(".", 1)[0]
+        family = {"backbone": "backbone", "decode_head": "head"}.get(family, "other")
+        key = (family, lr_mult, decay_mult)
+        if key not in groups:
+            suffix = "" if (lr_mult, decay_mult) == (lr_multiplier, 1.0) else f"_lr{lr_mult:g}_decay{decay_mult:g}"
+            groups[key] = {
+                "name": family + suffix,
+                "params": [],
+                "param_names": [],
+                "lr": learning_rate * lr_mult,
+                "weight_decay": weight_decay * decay_mult,
+                "lr_mult": lr_mult,
+                "decay_mult": decay_mult,
+            }
+        groups[key]["params"].append(parameter)
+        groups[key]["param_names"].append(name)
+    return list(groups.values())
+
+
+def reference_learning_rate(
+    iteration: int,
+    base_lr: float,
+    total_steps: int,
+    warmup_steps: int = 1500,
+    warmup_ratio: float = 1e-6,
+    power: float = 0.9,
+    min_lr: float = 1e-6,
+) -> float:
+    """
+    mmcv `PolyLrUpdaterHook(power, min_lr, by_epoch=False, warmup='linear')` at `iteration` (updates done so far).
+
+    Past `total_steps` the poly factor is held at 0 (lr = min_lr) instead of mmcv's complex power.
+    """
+    progress = min(iteration / total_steps, 1.0) if total_steps > 0 else 1.0
+    regular = (base_lr - min_lr) * (1.0 - progress) ** power + min_lr
+    if warmup_steps > 0 and iteration < warmup_steps:
+        k = (1.0 - iteration / warmup_steps) * (1.0 - warmup_ratio)
+        return regular * (1.0 - k)
+    return regular
+
+
+class PolyWarmupLR(LRScheduler):
+    """
+    The reference's learning-rate schedule ([`reference_learning_rate`] on every group's initial lr) as a PyTorch
+    scheduler: after `n` calls of `step()` the groups hold the lr of iteration `n`. Step it once per optimiser update.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        warmup_steps: int = 1500,
+        warmup_ratio: float = 1e-6,
+        power: float = 0.9,
+        min_lr: float = 1e-6,
+        last_epoch: int = -1,
+    ):
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be at least 1, got {total_steps}.")
+        if warmup_steps < 0 or not 0 < warmup_ratio <= 1:
+            raise ValueError(f"Need warmup_steps >= 0 and 0 < warmup_ratio <= 1, got {warmup_steps}, {warmup_ratio}.")
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.warmup_ratio = warmup_ratio
+        self.power = power
+        self.min_lr = min_lr
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        return [
+            reference_learning_rate(
+                self.last_epoch, base_lr, self.total_steps, self.warmup_steps, self.warmup_ratio, self.power,
+                self.min_lr,
+            )
+            for base_lr in self.base_lrs
+        ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class InfiniteShardedBatchSampler(torch.utils.data.Sampler):
+    """
+    Batches of an endless stream of shuffled epochs, split between processes.
+
+    The stream concatenates permutations of the dataset, epoch `e` drawn with `torch.randperm` seeded `seed + e`. It is
+    cut into global batches of `batch_size * num_processes` consecutive samples (a batch may straddle two epochs);
+    process `r` takes samples `[r * batch_size, (r + 1) * batch_size)` of each. Every item is the key
+    `(dataset index, epoch, position in epoch)`. `start_sample` skips that many samples of the stream (resume).
+    """
+
+    def __init__(
+        self, num_samples: int, batch_size: int, num_processes: int = 1, process_index: int = 0, seed: int = 0,
+        start_sample: int = 0,
+    ):
+        if num_samples < 1:
+            raise ValueError("The training split is empty.")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.num_processes = num_processes
+        self.process_index = process_index
+        self.seed = seed
+        self.start_sample = start_sample
+
+    def permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_samples, generator=generator).tolist()
+
+    def __iter__(self):
+        epoch, position = divmod(self.start_sample, self.num_samples)
+        order = self.permutation(epoch)
+        first = self.process_index * self.batch_size
+        last = first + self.batch_size
+        while True:
+            batch = []
+            for slot in range(self.batch_size * self.num_processes):
+                if position == self.num_samples:
+                    epoch, position = epoch + 1, 0
+                    order = self.permutation(epoch)
+                if first <= slot < last:
+                    batch.append((order[position], epoch, position))
+                position += 1
+            yield batch
+
+
+class AugmentedTrainSamples(torch.utils.data.Dataset):
+    """
+    Training samples addressed by `(index, epoch, position)` keys: decoded by the dataset's decoder, augmented by a
+    [`SegmentationTrainTransform`] drawing from a generator seeded with `(seed, epoch, position)`.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, transform: SegmentationTrainTransform, seed: int):
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        index, epoch, position = key
+        sample = self.dataset[int(index)]
+        rng = np.random.default_rng([self.seed, epoch, position])
+        pixel_values, labels = self.transform.augment(sample["image"], sample["label"], rng)
+        return {"pixel_values": pixel_values, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _warn(message: str):
+    """A warning through Accelerate's logger (main process only) when its state exists, plain logging otherwise."""
+    from accelerate.state import PartialState
+
+    if PartialState._shared_state:
+        logger.warning(message)
+    else:
+        logging.getLogger(__name__).warning(message)
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (`checkpoint-N` folders holding `training_state.json`) of `output_dir`, oldest first.
+    Temporary (`.tmp-checkpoint-N`) and incomplete folders are left out."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for entry in output_dir.iterdir():
+        match = _CHECKPOINT_PATTERN.match(entry.name)
+        if match and entry.is_dir():
+            if (entry / TRAINING_STATE_NAME).is_file():
+                found.append((int(match.group(1)), entry))
+            else:
+                _warn(f"Ignoring incomplete checkpoint folder {entry} (no {TRAINING_STATE_NAME}).")
+    return [path for _, path in sorted(found)]
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of `output_dir`, or `None`."""
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _is_complete_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / TRAINING_STATE_NAME).is_file()
+
+
+def _remove(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _discard_checkpoint(path: Path):
+    """Delete a checkpoint folder so that an interruption never leaves a half-deleted `checkpoint-N` that looks
+    complete: it is first renamed to `.tmp-deleting-checkpoint-N` (removed at the next start if need be)."""
+    doomed = path.with_name(f".tmp-deleting-{path.name}")
+    _remove(doomed)
+    os.replace(path, doomed)
+    _remove(doomed)
+
+
+def _save_model_files(model: CLIPRCForSemanticSegmentation, processor, directory: Path):
+    """config.json, the custom code of the Auto classes and the processor (no weights)."""
+    model.config.save_pretrained(directory)
+    if getattr(model, "_auto_class", None) is not None:
+        custom_object_save(model, directory, config=model.config)
+    if processor is not None:
+        processor.save_pretrained(directory)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _apply_preset(config: CLIPRCConfig, preset: str) -> None:
+    """Apply the training recipe of `preset` (setting, zero-shot split, loss weights, score calibration) to the
+    config of a loaded model; the class list and architecture must already match."""
+    recipe = CLIPRCConfig.from_preset(preset)
+    if config.class_names != recipe.class_names:
+        raise ValueError(
+            f"The loaded model's {config.num_labels} classes are not those of preset {preset!r} "
+            f"({recipe.num_labels} classes of benchmark {recipe.benchmark})."
+        )
+    if config.num_prompt_tokens != recipe.num_prompt_tokens:
+        logger.warning(
+            f"The loaded model has {config.num_prompt_tokens} prompt tokens, preset {preset!r} uses "
+            f"{recipe.num_prompt_tokens}; keeping the model's."
+        )
+    for name in ("setting", "seen_class_ids", "seen_score_bias", "benchmark", "mask_loss_weight", "dice_loss_weight",
+                 "recovery_loss_weight"):
+        setattr(config, name, getattr(recipe, name))
+
+
+def _config_field_names() -> set[str]:
+    return set(CLIPRCConfig.__annotations__) | {"id2label", "label2id"}
+
+
+def build_model(model_args: ModelArguments) -> tuple[CLIPRCForSemanticSegmentation, Any]:
+    """The model to train and its tokenizer (or `None`)."""
+    overrides = _parse_config_overrides(model_args.config_overrides)
+    unknown = sorted(set(overrides) - _config_field_names())
+    if unknown:
+        raise ValueError(f"--config_overrides names unknown CLIPRCConfig fields: {unknown}.")
+    if (model_args.clip_model_name_or_path is None) == (model_args.model_name_or_path is None):
+        raise ValueError("Give exactly one of --clip_model_name_or_path (start from CLIP) and --model_name_or_path "
+                         "(start from CLIP-RC weights).")
+
+    tokenizer = None
+    tokenizer_source = (
+        model_args.tokenizer_name_or_path or model_args.clip_model_name_or_path or model_args.model_name_or_path
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, cache_dir=model_args.cache_dir)
+    except (OSError, ValueError, TypeError) as error:
+        if model_args.tokenizer_name_or_path is not None:
+            raise
+        logger.warning(f"No tokenizer found at {tokenizer_source} ({type(error).__name__}); the saved processor will "
+                       "hold the image processor only.")
+
+    if model_args.clip_model_name_or_path is not None:
+        if model_args.preset is None:
+            raise ValueError("Starting from CLIP needs --preset (one of " + ", ".join(PRESETS) + ").")
+        clip = transformers.CLIPModel.from_pretrained(
+            model_args.clip_model_name_or_path, cache_dir=model_args.cache_dir
+        )
+        values = dict(overrides)
+        if model_args.crop_size is not None:
+            values["crop_size"] = model_args.crop_size
+            if model_args.sliding_window_stride is None and "sliding_window_stride" not in values:
+                # The reference's 426 / 512, scaled to the crop.
+                values["sliding_window_stride"] = max(1, int(model_args.crop_size * 426 / 512))
+        if model_args.sliding_window_stride is not None:
+            values["sliding_window_stride"] = model_args.sliding_window_stride
+        values.update(
+            vision_config=clip.config.vision_config.to_dict(),
+            text_config=clip.config.text_config.to_dict(),
+            projection_dim=clip.config.projection_dim,
+        )
+        config = CLIPRCConfig.from_preset(model_args.preset, **values)
+        if tokenizer is None:
+            raise ValueError(
+                f"Starting from CLIP needs its tokenizer to compute the class embeddings once; none found at "
+                f"{tokenizer_source}: pass --tokenizer_name_or_path."
+            )
+        model = CLIPRCForSemanticSegmentation.from_clip(clip, config, tokenizer=tokenizer)
+        del clip
+        return model, tokenizer
+
+    model = CLIPRCForSemanticSegmentation.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    config = model.config
+    if model_args.preset is not None:
+        _apply_preset(config, model_args.preset)
+    if model_args.crop_size is not None and model_args.crop_size != config.crop_size:
+        raise ValueError(
+            f"--crop_size {model_args.crop_size} differs from the loaded model's crop_size {config.crop_size}, which "
+            "sizes its position table; train at the model's crop size."
+        )
+    architecture = {"vision_config", "text_config", "projection_dim", "crop_size", "num_prompt_tokens",
+                    "region_grid_size", "decoder_hidden_size", "decoder_num_attention_heads", "decoder_num_layers",
+                    "decoder_intermediate_size", "recovery_num_layers", "id2label", "label2id"}
+    fixed = sorted(set(overrides) & architecture)
+    if fixed:
+        raise ValueError(f"--config_overrides cannot change the architecture of a loaded model: {fixed}.")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if model_args.sliding_window_stride is not None:
+        config.sliding_window_stride = model_args.sliding_window_stride
+    if "setting" in overrides and "seen_score_bias" not in overrides and model_args.preset is None:
+        config.seen_score_bias = {"transductive": 0.0}.get(config.setting, 0.1)
+    config._validate()
+    model.freeze_clip()
+    if not bool(model.class_embeddings.abs().sum() > 0):
+        raise ValueError(f"{model_args.model_name_or_path} holds no class embeddings (set_class_embeddings).")
+    return model, tokenizer
+
+
+def build_processor(model: CLIPRCForSemanticSegmentation, tokenizer, eval_shortest_edge: int):
+    """A [`CLIPRCProcessor`] (or only a [`CLIPRCImageProcessor`] without tokenizer) for the trained model."""
+    crop = model.config.crop_size
+    image_processor = CLIPRCImageProcessor(
+        size={"shortest_edge": eval_shortest_edge}, crop_size={"height": crop, "width": crop}
+    )
+    if tokenizer is None:
+        return image_processor
+    return CLIPRCProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, templates=model.config.prompt_templates
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_segmentation(
+    model: CLIPRCForSemanticSegmentation,
+    eval_dataset: torch.utils.data.Dataset,
+    accelerator: Accelerator,
+    num_workers: int = 0,
+    description: str = "evaluating",
+) -> dict[str, Any]:
+    """
+    Periodic evaluation: `eval.py`'s scoring ([`~clip_rc.evaluation.evaluate_model`]: the reference's sliding-window
+    protocol, metric totals summed over processes) on `eval_dataset`, plus the per-class table as `table`. Every
+    process must call it; all get the same figures.
+    """
+    results = evaluate_model(
+        model, eval_dataset, accelerator=accelerator, num_workers=num_workers, batch_size=1, progress=True,
+        description=description,
+    )
+    results["table"] = format_results_table(results, results.get("class_names"))
+    return results
+
+
+def _summary_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The scalar figures of [`SegmentationMetric.compute`] (mIoU, seen / unseen / harmonic IoU, accuracies)."""
+    keys = ("mean_iou", "mean_iou_seen", "mean_iou_unseen", "harmonic_iou", "overall_accuracy", "mean_accuracy")
+    return {key: float(results[key]) for key in keys}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model card and Hub
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def model_card(config: CLIPRCConfig, recipe: dict[str, Any], metrics: dict[str, float] | None,
+               eval_table: str | None, repo_id: str | None = None) -> str:
+    """A README.md model card: what the model is, the training recipe (arguments) and the final figures."""
+    name = repo_id or "path/to/this/folder"
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-segmentation",
+        "tags:",
+        "- clip-rc",
+        "- zero-shot-semantic-segmentation",
+        "license: apache-2.0",
+        "---",
+        "",
+        "# CLIP-RC",
+        "",
+        "CLIP-RC (\"Exploring Regional Clues in CLIP for Zero-Shot Semantic Segmentation\", Zhang et al., CVPR 2024), "
+        f"trained with `clip_rc.training` in the **{config.setting}** setting on **{config.benchmark}** "
+        f"({config.num_labels} classes, {len(config.unseen_class_ids)} unseen).",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import clip_rc  # or pass trust_remote_code=True",
+        "from transformers import AutoModelForSemanticSegmentation, AutoProcessor",
+        "",
+        f'model = AutoModelForSemanticSegmentation.from_pretrained("{name}").eval()',
+        f'processor = AutoProcessor.from_pretrained("{name}")',
+        'inputs = processor(images=image, return_tensors="pt")',
+        'label_map = model.segment(inputs["pixel_values"], original_sizes=inputs["original_sizes"].tolist())[0]',
+        "```",
+        "",
+        "## Results",
+        "",
+    ]
+    if metrics:
+        lines += [
+            "| pAcc | mIoU | mIoU(S) | mIoU(U) | hIoU |",
+            "|---|---|---|---|---|",
+            f"| {_percent(metrics.get('overall_accuracy'))} | {_percent(metrics.get('mean_iou'))} | "
+            f"{_percent(metrics.get('mean_iou_seen'))} | {_percent(metrics.get('mean_iou_unseen'))} | "
+            f"{_percent(metrics.get('harmonic_iou'))} |",
+            "",
+        ]
+        if eval_table:
+            lines += ["<details><summary>Per class</summary>", "", "```", eval_table, "```", "", "</details>", ""]
+    else:
+        lines += ["Not evaluated.", ""]
+    lines += [
+        "## Training recipe",
+        "",
+        "Arguments of `clip_rc.training` (resolved defaults included):",
+        "",
+        "```json",
+        json.dumps(recipe, indent=2, default=str),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def push_to_hub(output_dir: Path, hub_model_id: str | None, private: bool = False) -> str:
+    """Create (exist_ok) the Hub repository and upload `output_dir` without its checkpoints."""
+    api = HfApi()
+    repo_id = hub_model_id or output_dir.resolve().name
+    repo_url = api.create_repo(repo_id=repo_id, exist_ok=True, private=private)
+    repo_id = getattr(repo_url, "repo_id", None) or repo_id
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(output_dir),
+        commit_message="Upload CLIP-RC trained with clip_rc.training",
+        ignore_patterns=[f"{CHECKPOINT_PREFIX}*", f"{CHECKPOINT_PREFIX}*/**", ".tmp-*", ".tmp-*/**"],
+    )
+    return repo_id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """Resolved run parameters."""
+
+    preset: str | None
+    max_steps: int
+    per_device_train_batch_size: int
+    total_train_batch_size: int
+    warmup_steps: int
+    lr_decay_steps: int
+    eval_steps: int
+    checkpointing_steps: int
+
+
+def _resolve_plan(model_args, training_args, config: CLIPRCConfig, num_processes: int) -> _Plan:
+    preset = model_args.preset
+    if preset is None and config.benchmark and f"{config.benchmark}-{config.setting}" in PRESET_RECIPES:
+        preset = f"{config.benchmark}-{config.setting}"
+    recipe = PRESET_RECIPES.get(preset, {})
+    max_steps = training_args.max_steps if training_args.max_steps is not None else recipe.get("max_steps")
+    if max_steps is None:
+        raise ValueError("No recipe applies to this model: pass --max_steps (and --total_train_batch_size).")
+    if max_steps < 0:
+        raise ValueError(f"--max_steps must be >= 0, got {max_steps}.")
+    accumulation = training_args.gradient_accumulation_steps
+    if accumulation < 1:
+        raise ValueError("--gradient_accumulation_steps must be at least 1.")
+    if training_args.per_device_train_batch_size is not None:
+        per_device = training_args.per_device_train_batch_size
+        total = per_device * num_processes * accumulation
+        if recipe and training_args.total_train_batch_size is None and total != recipe["total_train_batch_size"]:
+            logger.warning(
+                f"{total} images per iteration; the {preset} recipe uses {recipe['total_train_batch_size']}."
+            )
+    else:
+        total = training_args.total_train_batch_size or recipe.get("total_train_batch_size")
+        if total is None:
+            raise ValueError("Pass --per_device_train_batch_size or --total_train_batch_size.")
+        if total % (num_processes * accumulation):
+            raise ValueError(
+                f"{total} images per iteration cannot be split over {num_processes} processes x {accumulation} "
+                "accumulation steps; pass --per_device_train_batch_size."
+            )
+        per_device = total // (num_processes * accumulation)
+    if per_device < 1:
+        raise ValueError("The per-device batch size must be at least 1.")
+
+    reference_steps = recipe.get("max_steps", max_steps)
+    if training_args.scale_lr_schedule:
+        decay = max_steps
+        warmup = round(1500 * max_steps / reference_steps) if reference_steps else 0
+    else:
+        decay = reference_steps
+        warmup = 1500
+    if training_args.lr_decay_steps is not None:
+        decay = training_args.lr_decay_steps
+    if training_args.warmup_steps is not None:
+        warmup = training_args.warmup_steps
+    interval = max(reference_steps // 10, 1)
+    eval_steps = training_args.eval_steps if training_args.eval_steps is not None else interval
+    checkpointing_steps = (
+        training_args.checkpointing_steps if training_args.checkpointing_steps is not None else interval
+    )
+    return _Plan(preset, max_steps, per_device, total, warmup, max(decay, 1), eval_steps, checkpointing_steps)
+
+
+def _setup_logging(accelerator: Accelerator):
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+
+
+def _tracker_config(recipe: dict[str, Any]) -> dict[str, Any]:
+    """Hyper-parameters as TensorBoard's add_hparams accepts them (scalars and strings)."""
+    values = {}
+    for key, value in recipe.items():
+        values[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value, default=str)
+    return values
+
+
+def _load_datasets(data_args: DataArguments, config: CLIPRCConfig):
+    benchmark = data_args.benchmark or config.benchmark
+    if benchmark is not None and get_benchmark(benchmark).num_classes != config.num_labels:
+        raise ValueError(f"Benchmark {benchmark} has {get_benchmark(benchmark).num_classes} classes, the model "
+                         f"{config.num_labels}.")
+    loaded = load_segmentation_dataset(
+        data_args.dataset, benchmark=benchmark, data_dir=data_args.data_dir, image_column=data_args.image_column,
+        label_column=data_args.label_column, label_mapping=data_args.label_mapping,
+    )
+    if data_args.train_split not in loaded:
+        raise ValueError(f"No split {data_args.train_split!r} in {data_args.dataset}; splits: {list(loaded)}.")
+    train = loaded[data_args.train_split]
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    eval_split = data_args.eval_split
+    if eval_split is None:
+        eval_split = next((name for name in ("val", "validation") if name in loaded), None)
+    elif eval_split.lower() == "none":
+        eval_split = None
+    elif eval_split not in loaded:
+        raise ValueError(f"No split {eval_split!r} in {data_args.dataset}; splits: {list(loaded)}.")
+    evaluation = loaded[eval_split] if eval_split is not None else None
+    if evaluation is not None and data_args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    return train, evaluation, eval_split
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train CLIP-RC (see the module docstring). Returns the run's summary (steps, final metrics, log history)."""
+    model_args, data_args, training_args = parse_args(argv)
+    output_dir = Path(training_args.output_dir)
+
+    report_to = None if training_args.report_to == "none" else training_args.report_to
+    accelerator = Accelerator(
+        # Several processes started by a launcher (`accelerate launch --multi_gpu`, torchrun) on a machine without
+        # an accelerator: run them as one gloo process group (Accelerate's MULTI_CPU) instead of independent runs.
+        cpu=launched_without_accelerator(),
+        gradient_accumulation_steps=training_args.gradient_accumulation_steps,
+        mixed_precision=training_args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(
+                find_unused_parameters=training_args.ddp_find_unused_parameters, broadcast_buffers=False
+            )
+        ],
+    )
+    _setup_logging(accelerator)
+    logger.info(accelerator.state, main_process_only=False)
+
+    # ---- resume point and output folder ----
+    resume_path = None
+    if training_args.resume_from_checkpoint:
+        if training_args.resume_from_checkpoint == "latest":
+            resume_path = find_latest_checkpoint(output_dir)
+            if resume_path is None:
+                logger.info(f"No complete checkpoint in {output_dir}: starting from scratch.")
+        else:
+            resume_path = Path(training_args.resume_from_checkpoint)
+            if not _is_complete_checkpoint(resume_path):
+                raise ValueError(f"{resume_path} is not a complete checkpoint (no {TRAINING_STATE_NAME}).")
+    earlier_checkpoints = list_checkpoints(output_dir) if resume_path is None else []
+    if earlier_checkpoints and not training_args.overwrite_output_dir:
+        raise ValueError(
+            f"{output_dir} holds checkpoints of an earlier run: pass --resume_from_checkpoint latest to continue it "
+            "or --overwrite_output_dir to start afresh."
+        )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in output_dir.glob(".tmp-*"):
+            # Unfinished checkpoints, final saves or deletions of an interrupted run.
+            logger.warning(f"Removing {stale}, left by an interrupted run.")
+            _remove(stale)
+        for old in earlier_checkpoints:
+            _discard_checkpoint(old)
+    accelerator.wait_for_everyone()
+
+    # ---- model, data ----
+    set_seed(training_args.seed)
+    model, tokenizer = build_model(model_args)
+    config = model.config
+    plan = _resolve_plan(model_args, training_args, config, accelerator.num_processes)
+    eval_shortest_edge = data_args.eval_shortest_edge or config.crop_size
+    processor = build_processor(model, tokenizer, eval_shortest_edge)
+
+    with accelerator.main_process_first():
+        train_dataset, eval_dataset, eval_split = _load_datasets(data_args, config)
+    crop = config.crop_size
+    scale = tuple(data_args.train_scale) if data_args.train_scale else (2048 * crop // 512, crop)
+    if len(scale) != 2:
+        raise ValueError(f"--train_scale takes two sizes (long short), got {list(scale)}.")
+    train_transform = SegmentationTrainTransform(
+        crop_size=crop, scale=scale, photometric=data_args.photometric_distortion, ignore_index=config.ignore_index
+    )
+    train_samples = AugmentedTrainSamples(train_dataset, train_transform, training_args.seed)
+    if eval_dataset is not None:
+        eval_transform = SegmentationEvalTransform(shortest_edge=eval_shortest_edge)
+        eval_dataset = with_segmentation_transform(eval_dataset, eval_transform)
+
+    # ---- optimiser, schedule ----
+    groups = reference_parameter_groups(
+        model, training_args.learning_rate, training_args.weight_decay, training_args.lr_multiplier
+    )
+    group_names = [group["name"] for group in groups]
+    optimizer = torch.optim.AdamW(
+        [{key: value for key, value in group.items() if key != "param_names"} for group in groups],
+        lr=training_args.learning_rate,
+        betas=(training_args.adam_beta1, training_args.adam_beta2),
+        eps=training_args.adam_epsilon,
+        weight_decay=training_args.weight_decay,
+    )
+    lr_scheduler = PolyWarmupLR(
+        optimizer, total_steps=plan.lr_decay_steps, warmup_steps=plan.warmup_steps,
+        warmup_ratio=training_args.warmup_lr_ratio, power=training_args.lr_power,
+        min_lr=training_args.min_learning_rate,
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+
+    recipe = {
+        **{f"model.{k}": v for k, v in dataclasses.asdict(model_args).items()},
+        **{f"data.{k}": v for k, v in dataclasses.asdict(data_args).items()},
+        **{f"train.{k}": v for k, v in dataclasses.asdict(training_args).items()},
+        "resolved.preset": plan.preset,
+        "resolved.max_steps": plan.max_steps,
+        "resolved.per_device_train_batch_size": plan.per_device_train_batch_size,
+        "resolved.total_train_batch_size": plan.per_device_train_batch_size * accelerator.num_processes
+        * training_args.gradient_accumulation_steps,
+        "resolved.num_processes": accelerator.num_processes,
+        "resolved.warmup_steps": plan.warmup_steps,
+        "resolved.lr_decay_steps": plan.lr_decay_steps,
+        "resolved.eval_steps": plan.eval_steps,
+        "resolved.checkpointing_steps": plan.checkpointing_steps,
+        "resolved.setting": config.setting,
+        "resolved.loss_weights": [config.mask_loss_weight, config.dice_loss_weight, config.recovery_loss_weight],
+        "resolved.param_groups": {g["name"]: {"lr": g["lr"], "weight_decay": g["weight_decay"],
+                                              "num_tensors": len(g["params"])} for g in groups},
+        "resolved.eval_split": eval_split,
+    }
+
+    # ---- resume ----
+    global_step, consumed_samples, log_history = 0, 0, []
+    if resume_path is not None:
+        logger.info(f"Resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        with open(resume_path / TRAINING_STATE_NAME, encoding="utf-8") as handle:
+            state = json.load(handle)
+        global_step, consumed_samples = state["global_step"], state["consumed_samples"]
+        log_history = state.get("log_history", [])
+
+    if report_to is not None:
+        accelerator.init_trackers(training_args.tracker_project_name, config=_tracker_config(recipe))
+
+    global_batch = plan.per_device_train_batch_size * accelerator.num_processes
+    sampler = InfiniteShardedBatchSampler(
+        len(train_samples), plan.per_device_train_batch_size, accelerator.num_processes, accelerator.process_index,
+        seed=training_args.seed, start_sample=consumed_samples,
+    )
+    train_loader = torch.utils.data.DataLoader(
+        train_samples, batch_sampler=sampler, collate_fn=collate_fn,
+        num_workers=training_args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+        persistent_workers=False, generator=torch.Generator().manual_seed(training_args.seed),
+    )
+
+    logger.info("***** Running training *****")
+    logger.info(f"  Recipe = {plan.preset}, setting = {config.setting}, classes = {config.num_labels}")
+    logger.info(f"  Training samples = {len(train_samples)}, evaluation samples = "
+                f"{len(eval_dataset) if eval_dataset is not None else 0}")
+    logger.info(f"  Iterations = {plan.max_steps}, per-device batch = {plan.per_device_train_batch_size}, "
+                f"processes = {accelerator.num_processes}, accumulation = {training_args.gradient_accumulation_steps}")
+    logger.info(f"  Parameter groups = {recipe['resolved.param_groups']}")
+    logger.info(f"  Schedule: poly {training_args.lr_power} over {plan.lr_decay_steps} iterations to "
+                f"{training_args.min_learning_rate}, linear warm-up {plan.warmup_steps} from "
+                f"{training_args.warmup_lr_ratio}")
+
+    unwrapped = accelerator.unwrap_model(model)
+    trainable = [p for p in unwrapped.parameters() if p.requires_grad]
+    loss_names = ["loss", "loss_focal", "loss_dice", "loss_recovery_query", "loss_recovery_pixel"]
+    running = torch.zeros(len(loss_names), device=accelerator.device, dtype=torch.float64)
+    running_count = 0
+    last_metrics = None
+    last_table = None
+
+    def log_metrics(values: dict[str, float], step: int):
+        log_history.append({"step": step, **values})
+        if report_to is not None:
+            accelerator.log(values, step=step)
+
+    def save_checkpoint(step: int):
+        final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        temporary = output_dir / f"{TMP_CHECKPOINT_PREFIX}{step}"
+        if accelerator.is_main_process and temporary.exists():
+            shutil.rmtree(temporary)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _save_model_files(unwrapped, processor, temporary)
+            epoch, position = divmod(consumed_samples, len(train_samples))
+            write_json_atomic(temporary / TRAINING_STATE_NAME, {
+                "global_step": step,
+                "consumed_samples": consumed_samples,
+                "epoch": epoch,
+                "position_in_epoch": position,
+                "num_processes": accelerator.num_processes,
+                "per_device_train_batch_size": plan.per_device_train_batch_size,
+                "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+                "seed": training_args.seed,
+                "log_history": log_history,
+            })
+            if final.exists():  # an incomplete folder of the same name (complete ones are never rewritten)
+                _discard_checkpoint(final)
+            os.replace(temporary, final)
+            logger.info(f"Saved checkpoint {final}")
+            if training_args.checkpoints_total_limit is not None:
+                checkpoints = list_checkpoints(output_dir)
+                for old in checkpoints[: max(len(checkpoints) - training_args.checkpoints_total_limit, 0)]:
+                    logger.info(f"Removing old checkpoint {old}")
+                    _discard_checkpoint(old)
+        accelerator.wait_for_everyone()
+
+    def run_evaluation(step: int):
+        nonlocal last_metrics, last_table
+        results = evaluate_segmentation(model, eval_dataset, accelerator, training_args.dataloader_num_workers)
+        last_metrics, last_table = _summary_metrics(results), results["table"]
+        logger.info(f"Evaluation at step {step} on {eval_split}:\n{last_table}")
+        log_metrics({f"eval/{key}": value for key, value in last_metrics.items()}, step)
+
+    progress = tqdm(
+        total=plan.max_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
+    model.train()
+    data_iterator = iter(train_loader) if global_step < plan.max_steps else None
+    started = time.time()
+    while global_step < plan.max_steps:
+        batch = next(data_iterator)
+        pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+        labels = batch["labels"].to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(model):
+            outputs = model(pixel_values=pixel_values, labels=labels)
+            loss = outputs.loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and training_args.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(trainable, training_args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        consumed_samples += global_batch
+        terms = [loss] + [outputs.loss_dict[name] for name in loss_names[1:]]
+        running += torch.stack([term.detach().double() for term in terms])
+        running_count += 1
+        if not accelerator.sync_gradients:
+            continue
+
+        learning_rates = [group["lr"] for group in optimizer.param_groups]
+        lr_scheduler.step()
+        global_step += 1
+        progress.update(1)
+
+        if global_step % training_args.logging_steps == 0 or global_step == plan.max_steps:
+            means = (accelerator.reduce(running, reduction="mean") / running_count).tolist()
+            values = {f"train/{name}": value for name, value in zip(loss_names, means)}
+            values.update({f"train/lr_{name}": lr for name, lr in zip(group_names, learning_rates)})
+            values["train/epoch"] = consumed_samples / len(train_samples)
+            log_metrics(values, global_step)
+            progress.set_postfix(loss=f"{means[0]:.4f}", lr=f"{learning_rates[0]:.3g}")
+            logger.info(f"step {global_step}: " + ", ".join(f"{k.split('/')[-1]}={v:.6g}" for k, v in values.items()))
+            running.zero_()
+            running_count = 0
+
+        if eval_dataset is not None and plan.eval_steps > 0 and global_step % plan.eval_steps == 0 \
+                and global_step < plan.max_steps:
+            run_evaluation(global_step)
+        if plan.checkpointing_steps > 0 and global_step % plan.checkpointing_steps == 0:
+            save_checkpoint(global_step)
+    progress.close()
+    if global_step:
+        logger.info(f"Training done: {global_step} iterations in {time.time() - started:.1f}s")
+
+    # ---- final evaluation and save ----
+    if eval_dataset is not None and training_args.final_evaluation:
+        run_evaluation(global_step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _save_final(unwrapped, processor, output_dir, recipe, last_metrics, last_table, log_history, global_step,
+                    training_args)
+    accelerator.wait_for_everyone()
+    repo_id = None
+    if training_args.push_to_hub and accelerator.is_main_process:
+        repo_id = push_to_hub(output_dir, training_args.hub_model_id, training_args.hub_private_repo)
+        logger.info(f"Pushed {output_dir} to {repo_id}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {
+        "global_step": global_step,
+        "metrics": last_metrics,
+        "log_history": log_history,
+        "output_dir": str(output_dir),
+        "repo_id": repo_id,
+        "recipe": recipe,
+    }
+
+
+def _save_final(model, processor, output_dir: Path, recipe, metrics, table, log_history, global_step, training_args):
+    """save_pretrained (model + processor), model card and run records into `output_dir`, atomically for loaders:
+    everything is written to a temporary folder, moved in, and `config.json` (what `from_pretrained` looks for) is
+    removed first and moved in last, so a folder with a config.json always has complete weights."""
+    temporary = output_dir / ".tmp-final"
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    model.save_pretrained(temporary)
+    if processor is not None:
+        processor.save_pretrained(temporary)
+    repo_id = training_args.hub_model_id if training_args.push_to_hub else None
+    (temporary / "README.md").write_text(model_card(model.config, recipe, metrics, table, repo_id), encoding="utf-8")
+    write_json_atomic(temporary / "training_args.json", recipe)
+    write_json_atomic(temporary / "trainer_state.json", {"global_step": global_step, "log_history": log_history})
+    if metrics is not None:
+        write_json_atomic(temporary / "eval_results.json", metrics)
+    config_file = output_dir / "config.json"
+    if config_file.exists():
+        config_file.unlink()
+    names = sorted(entry.name for entry in temporary.iterdir())
+    for name in [name for name in names if name != "config.json"] + ["config.json"]:
+        source, target = temporary / name, output_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(source, target)
+    shutil.rmtree(temporary, ignore_errors=True)
+    logger.info(f"Saved the final model to {output_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""Evaluate a CLIP-RC model: `python eval.py --help`, or `accelerate launch --num_processes N eval.py ...`."""
+
+from clip_rc.evaluation import main
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""`eval.py` / `clip_rc.evaluation` end to end on a tiny saved model and generated data (no downloads).
+
+The validation label maps of the generated VOC tree are written from the tiny model's own predictions (computed
+independently here with `model.segment`), then perturbed, so that the figures are far from trivial and any
+misalignment between predictions and labels in the evaluation shows up.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clip_rc import CLIPRCForSemanticSegmentation
+from clip_rc.benchmarks import get_benchmark
+from clip_rc.data import SegmentationEvalTransform, load_segmentation_dataset
+from clip_rc.evaluation import (
+    METRIC_KEYS,
+    _segment_batch,
+    evaluate_model,
+    main,
+)
+from clip_rc.metrics import SegmentationMetric
+from clip_rc.modeling_clip_rc import tokenize_class_prompts
+from clip_rc.processing_clip_rc import CLIPRCImageProcessor, CLIPRCProcessor
+
+from .conftest import tiny_config
+from .synthetic import make_segmentation_dataset, make_voc_tree
+from .tiny_clip import save_tiny_clip
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VOC = get_benchmark("voc")
+VAL_SIZES = [(48, 64), (61, 47), (64, 64), (37, 70), (61, 47)]
+
+
+def save_model_folder(directory: Path, clip_dir: Path, **config_overrides) -> Path:
+    """A tiny CLIP-RC initialised from the tiny CLIP (class embeddings encoded by its text tower), saved with a
+    CLIP-RC processor (image processor + the CLIP tokenizer) as the training script saves it."""
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    model = CLIPRCForSemanticSegmentation.from_clip(clip_dir, tiny_config(**config_overrides))
+    model.save_pretrained(directory)
+    crop = model.config.crop_size
+    image_processor = CLIPRCImageProcessor(size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop})
+    tokenizer = AutoTokenizer.from_pretrained(clip_dir)
+    CLIPRCProcessor(image_processor, tokenizer, templates=model.config.prompt_templates).save_pretrained(directory)
+    return directory
+
+
+def eval_inputs(image: Image.Image, label: Image.Image, crop: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent preprocessing: the reference test transform (short side = crop), original-size labels."""
+    output = SegmentationEvalTransform(shortest_edge=crop)({"image": [image], "label": [label]})
+    return output["pixel_values"][0], output["labels"][0]
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread, as in the `OMP_NUM_THREADS=1` subprocesses: at class boundaries the top two scores
+    cross, so a few pixels have near-ties that a different thread count (other float rounding) can flip."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, single_thread):
+    root = tmp_path_factory.mktemp("evaluation")
+    clip_dir = save_tiny_clip(root / "clip")
+    voc_model_dir = save_model_folder(
+        root / "voc_model", clip_dir, id2label=VOC.id2label, seen_class_ids=list(VOC.seen_class_ids), benchmark="voc"
+    )
+    small_model_dir = save_model_folder(root / "small_model", clip_dir)  # 3 classes: cat, dog, grass
+
+    devkit = make_voc_tree(root / "data", num_train=1, num_val=len(VAL_SIZES), num_aug=0, sizes=VAL_SIZES)
+    voc_dir = devkit / "VOC2012"
+    names = (voc_dir / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    model = CLIPRCForSemanticSegmentation.from_pretrained(voc_model_dir).eval()
+    palette = Image.open(voc_dir / "SegmentationClass" / f"{names[0]}.png").getpalette()
+    predictions, references = [], []
+    rng = np.random.default_rng(0)
+    for name in names:
+        image = Image.open(voc_dir / "JPEGImages" / f"{name}.jpg").convert("RGB")
+        pixel_values, _ = eval_inputs(image, Image.new("L", image.size))
+        prediction = model.segment([pixel_values], original_sizes=[(image.height, image.width)])[0].numpy()
+        label = prediction.copy()
+        height, width = label.shape
+        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        label[top : top + height // 3, left : left + width // 3] = rng.integers(0, 20)  # disagreements
+        label[:2] = 255  # ignored rows
+        stored = np.where(label == 255, 255, label + 1).astype(np.uint8)
+        stored[-1, : width // 2] = 0  # VOC background: dropped to ignore by the loader
+        label[-1, : width // 2] = 255
+        label_image = Image.fromarray(stored)
+        label_image.putpalette(palette)
+        label_image.save(voc_dir / "SegmentationClass" / f"{name}.png")
+        predictions.append(prediction)
+        references.append(label)
+
+    metric = SegmentationMetric(20, seen_class_ids=VOC.seen_class_ids, class_names=VOC.class_names)
+    for prediction, reference in zip(predictions, references):
+        metric.update(prediction, reference)
+    return {
+        "root": root,
+        "clip_dir": clip_dir,
+        "voc_model_dir": voc_model_dir,
+        "small_model_dir": small_model_dir,
+        "devkit": devkit,
+        "predictions": predictions,
+        "references": references,
+        "expected": metric.compute(),
+        "sizes": [prediction.shape for prediction in predictions],  # (height, width), odd ones included
+    }
+
+
+def assert_matches(record: dict, expected: dict, atol: float = 1e-9):
+    """metrics.json values (NaN written as null) equal the independent figures."""
+    for key in METRIC_KEYS:
+        ours = np.asarray([np.nan if value is None else value for value in np.atleast_1d(record[key])], dtype=float)
+        theirs = np.atleast_1d(np.asarray(expected[key], dtype=float))
+        np.testing.assert_allclose(ours, theirs, atol=atol, rtol=0, equal_nan=True, err_msg=key)
+
+
+def eval_args(assets, output_dir, *extra, model="voc_model_dir"):
+    return ["--model", str(assets[model]), "--data_root", str(assets["devkit"]), "--output_dir", str(output_dir),
+            "--no_progress", *extra]  # fmt: skip
+
+
+LOCAL_METRIC = textwrap.dedent(
+    '''
+    import datasets
+    import evaluate
+    import numpy as np
+
+
+    class {name}(evaluate.Metric):
+        def _info(self):
+            return evaluate.MetricInfo(
+                description="IoU from a confusion matrix (test stand-in for mean_iou).",
+                citation="",
+                inputs_description="predictions, references: lists of (H, W) label maps.",
+                features=datasets.Features({{"predictions": datasets.Image(), "references": datasets.Image()}}),
+            )
+
+        def _compute(self, predictions, references, num_labels, ignore_index, reduce_labels=False):
+            confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
+            for prediction, reference in zip(predictions, references):
+                prediction = np.asarray(prediction).astype(np.int64).ravel()
+                reference = np.asarray(reference).astype(np.int64).ravel()
+                keep = reference != ignore_index
+                np.add.at(confusion, (reference[keep], prediction[keep]), 1)
+            hits = np.diag(confusion).astype(np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                iou = hits / (confusion.sum(axis=1) + confusion.sum(axis=0) - hits)
+                accuracy = hits / confusion.sum(axis=1)
+            iou = iou {tamper}
+            return {{
+                "mean_iou": np.nanmean(iou),
+                "mean_accuracy": np.nanmean(accuracy),
+                "overall_accuracy": hits.sum() / confusion.sum(),
+                "per_category_iou": iou,
+                "per_category_accuracy": accuracy,
+            }}
+    '''
+)
+
+
+def local_metric(root: Path, name: str, tamper: str = "") -> str:
+    """A local `evaluate` metric folder; `tamper` is appended to the per-class IoU expression (e.g. "* 0.5")."""
+    folder = root / name
+    folder.mkdir(exist_ok=True)
+    class_name = "".join(part.title() for part in name.split("_"))
+    (folder / f"{name}.py").write_text(LOCAL_METRIC.format(name=class_name, tamper=tamper))
+    return str(folder)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(args: list[str], num_processes: int, cwd: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes N eval.py ...` in a subprocess, on CPU.
+
+    `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x (unless mpirun is used);
+    `--multi_gpu` starts N through torch.distributed.run and eval.py runs them as a gloo group when there is no GPU.
+    """
+    environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_EVALUATE_OFFLINE="1")
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    environment.pop("ACCELERATE_USE_CPU", None)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(REPO_ROOT / "eval.py"), *args,
+    ]  # fmt: skip
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
+
+
+# ---- end to end --------------------------------------------------------------------------------------------------
+
+
+def test_eval_one_process_matches_an_independent_computation(assets, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    returned = main(eval_args(assets, output_dir, "--batch_size", "3", "--save_overlays", "2"))
+    record = json.loads((output_dir / "metrics.json").read_text())
+    assert set(METRIC_KEYS) <= set(record)
+    assert record == returned
+    assert_matches(record, assets["expected"])
+    assert record["class_names"] == list(VOC.class_names)
+    assert record["num_images"] == len(VAL_SIZES)
+    assert record["unseen_class_ids"] == list(VOC.unseen_class_ids)
+    # The labels are the model's predictions, perturbed: the figures are far from trivial.
+    assert 0.5 < record["overall_accuracy"] < 1.0
+    assert any(value is not None and 0.3 < value < 1.0 for value in record["per_category_iou"])
+    assert "mIoU" in capsys.readouterr().out  # the per-class table on the terminal
+    overlays = sorted((output_dir / "overlays").iterdir())
+    assert [path.name for path in overlays] == ["00000.png", "00001.png"]
+    for path, (height, width) in zip(overlays, assets["sizes"]):
+        assert Image.open(path).size == (width, height)
+
+
+def test_eval_two_processes_give_the_same_numbers_and_cross_check(assets, tmp_path):
+    metric_path = local_metric(tmp_path, "confusion_iou")
+    output_dir = tmp_path / "out"
+    result = launch(eval_args(assets, output_dir, "--cross_check_evaluate", "--evaluate_metric_path", metric_path),
+                    num_processes=2, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    record = json.loads((output_dir / "metrics.json").read_text())
+    assert_matches(record, assets["expected"])
+    assert record["num_images"] == len(VAL_SIZES) and record["cross_checked_with_evaluate"]
+    assert "2 process(es)" in result.stderr, result.stderr
+
+
+def test_failed_cross_check_exits_non_zero_in_two_processes_and_keeps_metrics_json(assets, tmp_path):
+    """Every process fails (none hangs waiting for the main process) and metrics.json is kept."""
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    previous = '{"mean_iou": 0.123}\n'
+    (output_dir / "metrics.json").write_text(previous)
+    wrong = local_metric(tmp_path, "wrong_iou", tamper="* 0.5")
+    result = launch(eval_args(assets, output_dir, "--cross_check_evaluate", "--evaluate_metric_path", wrong),
+                    num_processes=2, cwd=tmp_path)  # fmt: skip
+    assert result.returncode != 0
+    assert "mean_iou:" in result.stderr and "per_category_iou:" in result.stderr
+    assert (output_dir / "metrics.json").read_text() == previous
+    assert sorted(path.name for path in output_dir.iterdir()) == ["metrics.json"]  # no temporary file left
+
+
+def test_cross_check_passes_and_evaluate_backend_gives_the_same_file(assets, tmp_path):
+    metric_path = local_metric(tmp_path, "confusion_iou")
+    record = main(eval_args(assets, tmp_path / "a", "--cross_check_evaluate", "--evaluate_metric_path", metric_path))
+    assert_matches(record, assets["expected"])
+    record = main(eval_args(assets, tmp_path / "b", "--metric_backend", "evaluate", "--evaluate_metric_path",
+                            metric_path))  # fmt: skip
+    assert record["metric_backend"] == "evaluate"
+    assert_matches(json.loads((tmp_path / "b" / "metrics.json").read_text()), assets["expected"])
+
+
+def test_failed_cross_check_exits_loudly_in_process(assets, tmp_path):
+    output_dir = tmp_path / "out"
+    main(eval_args(assets, output_dir))
+    good = (output_dir / "metrics.json").read_bytes()
+    wrong = local_metric(tmp_path, "wrong_accuracy_iou", tamper="+ 0.01")
+    with pytest.raises(SystemExit) as raised:
+        main(eval_args(assets, output_dir, "--cross_check_evaluate", "--evaluate_metric_path", wrong))
+    assert raised.value.code not in (0, None)
+    message = str(raised.value.code)
+    assert "mean_iou:" in message and "per_category_iou:" in message and "metrics.json not written" in message
+    assert "overall_accuracy" not in message  # only the keys that differ are named
+    assert (output_dir / "metrics.json").read_bytes() == good
+
+
+def test_cross_dataset_class_names(assets, tmp_path):
+    """A 3-class model scored on VOC with VOC's class names, encoded by its text tower with its templates."""
+    with pytest.raises(SystemExit, match="--class_names_from"):
+        main(eval_args(assets, tmp_path / "mismatch", model="small_model_dir"))
+
+    record = main(eval_args(assets, tmp_path / "out", "--class_names_from", "voc", model="small_model_dir"))
+    assert record["class_names"] == list(VOC.class_names)
+    assert record["seen_class_ids"] == list(VOC.seen_class_ids)
+    assert record["unseen_class_ids"] == list(VOC.unseen_class_ids)
+
+    from transformers import AutoTokenizer
+
+    model = CLIPRCForSemanticSegmentation.from_pretrained(assets["small_model_dir"]).eval()
+    assert model.config.num_labels == 3
+    tokenizer = AutoTokenizer.from_pretrained(assets["small_model_dir"])
+    prompts = tokenize_class_prompts(tokenizer, list(VOC.class_names), model.config.prompt_templates)
+    text_embeds = model.encode_text(**prompts)
+    split = load_segmentation_dataset(assets["devkit"], splits="val")["val"]
+    metric = SegmentationMetric(20, seen_class_ids=VOC.seen_class_ids)
+    for index in range(len(split)):
+        pixel_values, label = eval_inputs(split[index]["image"], split[index]["label"])
+        prediction = model.segment([pixel_values], original_sizes=[tuple(label.shape)], text_embeds=text_embeds)[0]
+        metric.update(prediction, label)
+    assert_matches(record, metric.compute())
+
+
+def test_a_saved_dataset_with_the_models_own_classes(assets, tmp_path):
+    dataset_dir = make_segmentation_dataset(tmp_path / "dataset", num_train=1, num_validation=3, size=(45, 71))
+    record = main(["--model", str(assets["small_model_dir"]), "--dataset", str(dataset_dir), "--output_dir",
+                   str(tmp_path / "out"), "--no_progress"])  # fmt: skip
+    assert record["split"] == "validation" and record["num_images"] == 3
+    assert record["class_names"] == ["cat", "dog", "grass"]
+    assert record["seen_class_ids"] == [0, 1] and record["unseen_class_ids"] == [2]
+
+
+# ---- evaluate_model, the function the training loop calls --------------------------------------------------------
+
+
+def test_evaluate_model_on_raw_and_transformed_splits(assets):
+    model = CLIPRCForSemanticSegmentation.from_pretrained(assets["voc_model_dir"]).train()
+    split = load_segmentation_dataset(assets["devkit"], splits="val")["val"]
+    results = evaluate_model(model, split, batch_size=2, progress=False)
+    assert model.training  # the previous mode is restored
+    for key in ("mean_iou", "overall_accuracy", "harmonic_iou"):
+        assert results[key] == pytest.approx(assets["expected"][key], abs=1e-12)
+    np.testing.assert_allclose(results["per_category_iou"], assets["expected"]["per_category_iou"], equal_nan=True)
+
+    from clip_rc.data import with_segmentation_transform
+
+    transformed = with_segmentation_transform(split, SegmentationEvalTransform(shortest_edge=64))
+    again = evaluate_model(model, transformed, max_samples=2, progress=False)
+    assert again["num_images"] == 2
+    metric = SegmentationMetric(20, seen_class_ids=VOC.seen_class_ids)
+    for prediction, reference in zip(assets["predictions"][:2], assets["references"][:2]):
+        metric.update(prediction, reference)
+    assert again["mean_iou"] == pytest.approx(metric.compute()["mean_iou"], abs=1e-12)
+
+
+def test_sliding_window_prediction_on_odd_sizes_returns_original_sizes(assets):
+    model = CLIPRCForSemanticSegmentation.from_pretrained(assets["voc_model_dir"]).eval()
+    torch.manual_seed(0)
+    originals = [(61, 47), (37, 70), (61, 47), (101, 33)]
+    images = [Image.fromarray(np.random.randint(0, 255, (*size, 3), dtype=np.uint8)) for size in originals]
+    inputs = [eval_inputs(image, Image.new("L", image.size))[0] for image in images]
+    assert inputs[0].shape[-2:] == (83, 64)  # short side resized to the crop size, aspect kept
+    # Images 0 and 2 have the same resized size, so they share one sliding-window batch.
+    predictions = _segment_batch(model, inputs, originals, None, windows_per_batch=3)
+    expected = model.segment(inputs, original_sizes=originals)
+    for prediction, reference, size in zip(predictions, expected, originals):
+        assert tuple(prediction.shape) == size
+        assert torch.equal(prediction, reference)
+
+
+# ---- command line and file helpers --------------------------------------------------------------------------------
+
+
+def test_plot_and_its_optional_dependency(assets, tmp_path, monkeypatch):
+    if _has_matplotlib():
+        main(eval_args(assets, tmp_path / "plotted", "--plot", "--max_samples", "1"))
+        assert Image.open(tmp_path / "plotted" / "per_class_iou.png").size[0] > 0
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
+    with pytest.raises(SystemExit) as raised:
+        main(eval_args(assets, tmp_path / "no_plot", "--plot"))
+    assert raised.value.code == 2
+    assert not (tmp_path / "no_plot").exists()
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_argument_errors(assets, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--model", str(assets["voc_model_dir"]), "--output_dir", str(tmp_path)])  # no data source
+    with pytest.raises(SystemExit):
+        main(eval_args(assets, tmp_path, "--metric_backend", "sklearn"))
