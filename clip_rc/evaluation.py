@@ -47,7 +47,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers.utils import logging as hf_logging
 
 from .benchmarks import BENCHMARKS, get_benchmark
@@ -168,7 +167,7 @@ def _segment_batch(
     text_embeds: torch.Tensor | None,
     windows_per_batch: int,
 ) -> list[torch.Tensor]:
-    """Label maps of a batch; images of the same (resized) size share one `sliding_window_scores` call."""
+    """Label maps of a batch; images of the same (resized) size share one `sliding_window_labels` call."""
     device = model.class_embeddings.device
     groups: dict[tuple[int, ...], list[int]] = {}
     for position, pixels in enumerate(pixel_values):
@@ -176,13 +175,12 @@ def _segment_batch(
     predictions: list[torch.Tensor | None] = [None] * len(pixel_values)
     for members in groups.values():
         stacked = torch.stack([pixel_values[position] for position in members]).to(device=device, dtype=model.dtype)
-        scores = model.sliding_window_scores(stacked, text_embeds=text_embeds, windows_per_batch=windows_per_batch)
-        for row, position in enumerate(members):
-            image_scores = scores[row : row + 1]
-            size = tuple(int(side) for side in output_sizes[position])
-            if tuple(image_scores.shape[-2:]) != size:
-                image_scores = F.interpolate(image_scores, size=size, mode="bilinear", align_corners=False)
-            predictions[position] = image_scores[0].argmax(dim=0)
+        sizes = [tuple(int(side) for side in output_sizes[position]) for position in members]
+        label_maps = model.sliding_window_labels(
+            stacked, text_embeds=text_embeds, output_sizes=sizes, windows_per_batch=windows_per_batch
+        )
+        for position, label_map in zip(members, label_maps):
+            predictions[position] = label_map
     return predictions
 
 

@@ -745,6 +745,39 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
             offsets[torch.isin(class_ids, trained)] = self.config.seen_score_bias
         return offsets
 
+    def _window_logits(self, padded: torch.Tensor, windows, class_embeds, windows_per_batch: int) -> torch.Tensor:
+        """Mask logits of every window, window-major: `(num_windows * B, C, h, w)` at the patch-grid resolution."""
+        logits = []
+        for start in range(0, len(windows), windows_per_batch):
+            chunk = windows[start : start + windows_per_batch]
+            crops = torch.cat([padded[:, :, top:bottom, left:right] for top, bottom, left, right in chunk])
+            logits.append(self.decode_head(self.get_image_features(crops), class_embeds).logits.float())
+        return torch.cat(logits)
+
+    def _averaged_window_scores(self, window_logits, windows, offsets, padded_size, batch_size) -> torch.Tensor:
+        """Calibrated scores `sigmoid(upsampled logits) - offsets` of a class range, averaged over overlapping
+        windows: `(B, C, *padded_size)`."""
+        crop = self.config.crop_size
+        scores = window_logits.new_zeros(batch_size, window_logits.shape[1], *padded_size)
+        counts = window_logits.new_zeros(1, 1, *padded_size)
+        for index, (top, bottom, left, right) in enumerate(windows):
+            logits = window_logits[index * batch_size : (index + 1) * batch_size]
+            window_scores = F.interpolate(logits, size=(crop, crop), mode="bilinear", align_corners=False)
+            scores[:, :, top:bottom, left:right] += window_scores.sigmoid() - offsets[None, :, None, None]
+            counts[:, :, top:bottom, left:right] += 1
+        return scores / counts
+
+    def _prepare_windows(self, pixel_values, text_embeds, input_ids, attention_mask, windows_per_batch):
+        """Pad to at least one crop, cut the windows and run the model on them (see `sliding_window_scores`)."""
+        class_embeds, class_ids = self._class_embeddings(text_embeds, input_ids, attention_mask)
+        offsets = self.score_offsets(class_ids, class_embeds.shape[0], pixel_values.device)
+        crop, stride = self.config.crop_size, self.config.sliding_window_stride
+        height, width = pixel_values.shape[-2:]
+        padded = F.pad(pixel_values, (0, max(crop - width, 0), 0, max(crop - height, 0)))
+        windows = sliding_windows(padded.shape[-2], padded.shape[-1], crop, stride)
+        window_logits = self._window_logits(padded, windows, class_embeds, windows_per_batch)
+        return window_logits, windows, offsets, tuple(padded.shape[-2:])
+
     @torch.no_grad()
     def sliding_window_scores(
         self,
@@ -770,32 +803,58 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
         Returns:
             `torch.FloatTensor` of shape `(B, C, *output_size)` (or `(B, C, H, W)`).
         """
-        class_embeds, class_ids = self._class_embeddings(text_embeds, input_ids, attention_mask)
-        num_classes = class_embeds.shape[0]
-        offsets = self.score_offsets(class_ids, num_classes, pixel_values.device)
-
-        crop, stride = self.config.crop_size, self.config.sliding_window_stride
-        batch_size, _, height, width = pixel_values.shape
-        padded = F.pad(pixel_values, (0, max(crop - width, 0), 0, max(crop - height, 0)))
-        padded_height, padded_width = padded.shape[-2:]
-        windows = sliding_windows(padded_height, padded_width, crop, stride)
-
-        scores = pixel_values.new_zeros(batch_size, num_classes, padded_height, padded_width, dtype=torch.float32)
-        counts = pixel_values.new_zeros(1, 1, padded_height, padded_width, dtype=torch.float32)
-        for start in range(0, len(windows), windows_per_batch):
-            chunk = windows[start : start + windows_per_batch]
-            crops = torch.cat([padded[:, :, top:bottom, left:right] for top, bottom, left, right in chunk])
-            image_features = self.get_image_features(crops)
-            logits = self.decode_head(image_features, class_embeds).logits
-            window_scores = F.interpolate(logits.float(), size=(crop, crop), mode="bilinear", align_corners=False)
-            window_scores = window_scores.sigmoid() - offsets[None, :, None, None]
-            for index, (top, bottom, left, right) in enumerate(chunk):
-                scores[:, :, top:bottom, left:right] += window_scores[index * batch_size : (index + 1) * batch_size]
-                counts[:, :, top:bottom, left:right] += 1
-        scores = (scores / counts)[:, :, :height, :width]
+        height, width = pixel_values.shape[-2:]
+        window_logits, windows, offsets, padded_size = self._prepare_windows(
+            pixel_values, text_embeds, input_ids, attention_mask, windows_per_batch
+        )
+        scores = self._averaged_window_scores(window_logits, windows, offsets, padded_size, pixel_values.shape[0])
+        scores = scores[:, :, :height, :width]
         if output_size is not None and tuple(output_size) != (height, width):
             scores = F.interpolate(scores, size=tuple(output_size), mode="bilinear", align_corners=False)
         return scores
+
+    @torch.no_grad()
+    def sliding_window_labels(
+        self,
+        pixel_values: torch.FloatTensor,
+        text_embeds: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_sizes: list[tuple[int, int]] | None = None,
+        windows_per_batch: int = 4,
+        classes_per_chunk: int = 32,
+    ) -> list[torch.LongTensor]:
+        """
+        The arg-max of [`sliding_window_scores`] (resized to each image's `output_sizes[i]`), computed
+        `classes_per_chunk` classes at a time with a running maximum, so memory does not grow with the number of
+        classes. Ties resolve to the lowest class index, as `argmax` does.
+
+        Returns:
+            One `torch.LongTensor` of shape `output_sizes[i]` (or `(H, W)`) per image.
+        """
+        batch_size, _, height, width = pixel_values.shape
+        output_sizes = [tuple(size) for size in output_sizes] if output_sizes is not None else [(height, width)] * batch_size
+        if len(output_sizes) != batch_size:
+            raise ValueError(f"{len(output_sizes)} output sizes for {batch_size} images.")
+        window_logits, windows, offsets, padded_size = self._prepare_windows(
+            pixel_values, text_embeds, input_ids, attention_mask, windows_per_batch
+        )
+        best_scores = [window_logits.new_full(size, -math.inf) for size in output_sizes]
+        best_labels = [torch.zeros(size, dtype=torch.long, device=window_logits.device) for size in output_sizes]
+        for first in range(0, window_logits.shape[1], classes_per_chunk):
+            last = min(first + classes_per_chunk, window_logits.shape[1])
+            scores = self._averaged_window_scores(
+                window_logits[:, first:last], windows, offsets[first:last], padded_size, batch_size
+            )[:, :, :height, :width]
+            for index, size in enumerate(output_sizes):
+                image_scores = scores[index : index + 1]
+                if size != (height, width):
+                    image_scores = F.interpolate(image_scores, size=size, mode="bilinear", align_corners=False)
+                chunk_best, chunk_labels = image_scores[0].max(dim=0)
+                better = chunk_best > best_scores[index]
+                best_scores[index] = torch.where(better, chunk_best, best_scores[index])
+                best_labels[index] = torch.where(better, chunk_labels + first, best_labels[index])
+        return best_labels
 
     @torch.no_grad()
     def segment(
@@ -807,7 +866,7 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
     ) -> list[torch.LongTensor]:
         """
-        Label maps for images of any size with the reference protocol ([`sliding_window_scores`] then arg-max).
+        Label maps for images of any size with the reference protocol ([`sliding_window_labels`]).
 
         Args:
             pixel_values: a `(B, 3, H, W)` batch or a list of `(3, H_i, W_i)` images (as the image processor
@@ -822,12 +881,14 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
             raise ValueError(f"{len(original_sizes)} original sizes for {len(images)} images.")
         if input_ids is not None and text_embeds is None:
             text_embeds = self.encode_text(input_ids, attention_mask)
-        label_maps = []
-        for index, image in enumerate(images):
-            output_size = original_sizes[index] if original_sizes is not None else None
-            scores = self.sliding_window_scores(image[None], text_embeds=text_embeds, output_size=output_size)
-            label_maps.append(scores[0].argmax(dim=0))
-        return label_maps
+        return [
+            self.sliding_window_labels(
+                image[None],
+                text_embeds=text_embeds,
+                output_sizes=[original_sizes[index]] if original_sizes is not None else None,
+            )[0]
+            for index, image in enumerate(images)
+        ]
 
     # ---- initialisation from CLIP ----------------------------------------------------------------------------
 

@@ -519,3 +519,18 @@ def test_from_clip_folder_with_tokenizer_persists_class_embeddings(tmp_path):
     torch.testing.assert_close(loaded.class_embeddings, model.class_embeddings)
     pixel_values = torch.randn(1, 3, 64, 64)
     assert torch.equal(loaded(pixel_values).logits, model(pixel_values).logits)
+
+
+@pytest.mark.parametrize("classes_per_chunk", [1, 7, 64])
+def test_chunked_labels_equal_the_argmax_of_the_scores(model, classes_per_chunk):
+    model.eval()
+    torch.manual_seed(3)
+    text_embeds = F.normalize(torch.randn(40, 24), dim=-1)
+    pixel_values = torch.randn(2, 3, 64, 112)
+    sizes = [(50, 97), (64, 112)]
+    labels = model.sliding_window_labels(
+        pixel_values, text_embeds=text_embeds, output_sizes=sizes, classes_per_chunk=classes_per_chunk
+    )
+    for index, size in enumerate(sizes):
+        scores = model.sliding_window_scores(pixel_values[index : index + 1], text_embeds=text_embeds, output_size=size)
+        assert torch.equal(labels[index], scores[0].argmax(dim=0))
