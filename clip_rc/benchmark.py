@@ -45,6 +45,7 @@ class CaseResult:
     training: bool
     dtype: str
     batch_size: int
+    compiled: bool
     seconds_per_crop: float
     crops_per_second: float
     peak_memory_mb: float
@@ -87,7 +88,9 @@ def _synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def run_case(name, preset, num_classes, training, dtype, batch_size, runs, warmup, threads, tiny, device) -> CaseResult:
+def run_case(
+    name, preset, num_classes, training, dtype, batch_size, runs, warmup, threads, tiny, device, compiled=False
+) -> CaseResult:
     """Time one case in this process (meant to run in a fresh subprocess)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -99,20 +102,23 @@ def run_case(name, preset, num_classes, training, dtype, batch_size, runs, warmu
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5) if training else None
     model.train(training)
+    forward = torch.compile(model) if compiled else model
 
     def step():
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             if training:
-                loss = model(pixel_values, labels=labels).loss
+                loss = forward(pixel_values, labels=labels).loss
             else:
                 with torch.no_grad():
-                    logits = model(pixel_values).logits
+                    logits = forward(pixel_values).logits
                     F.interpolate(logits.float(), size=(crop, crop), mode="bilinear", align_corners=False).sigmoid()
         if training:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
+    if compiled:
+        step()  # compilation happens here, outside the FLOP count and the timings
     flop_counter = FlopCounterMode(display=False)
     with flop_counter:
         step()
@@ -128,7 +134,7 @@ def run_case(name, preset, num_classes, training, dtype, batch_size, runs, warmu
         timings.append(time.perf_counter() - start)
     seconds = statistics.median(timings) / batch_size
     return CaseResult(
-        name, preset, num_classes, training, dtype, batch_size, seconds, 1 / seconds, _peak_memory_mb(device),
+        name, preset, num_classes, training, dtype, batch_size, compiled, seconds, 1 / seconds, _peak_memory_mb(device),
         gflop_per_crop, gflop_per_crop / seconds,
     )
 
@@ -169,12 +175,12 @@ def run_in_subprocess(**kwargs) -> dict:
 
 
 def format_table(results: list[dict], peaks: dict[str, float]) -> str:
-    header = f"{'case':<16}{'dtype':<6}{'batch':>6}{'s/crop':>9}{'crops/s':>9}{'peak MB':>9}{'GFLOP':>9}{'GFLOP/s':>9}{'% peak':>8}"
+    header = f"{'case':<16}{'mode':<9}{'dtype':<6}{'batch':>6}{'s/crop':>9}{'crops/s':>9}{'peak MB':>9}{'GFLOP':>9}{'GFLOP/s':>9}{'% peak':>8}"
     lines = [header, "-" * len(header)]
     for result in results:
         peak = peaks.get(result["dtype"], peaks["fp32"])
         lines.append(
-            f"{result['name']:<16}{result['dtype']:<6}{result['batch_size']:>6}{result['seconds_per_crop']:>9.3f}"
+            f"{result['name']:<16}{'compiled' if result['compiled'] else 'eager':<9}{result['dtype']:<6}{result['batch_size']:>6}{result['seconds_per_crop']:>9.3f}"
             f"{result['crops_per_second']:>9.2f}{result['peak_memory_mb']:>9.0f}{result['gflop_per_crop']:>9.1f}"
             f"{result['achieved_gflops']:>9.1f}{100 * result['achieved_gflops'] / peak:>7.0f}%"
         )
@@ -193,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a tiny configuration (seconds; for tests)")
+    parser.add_argument("--compile", action="store_true", help="also time inference through torch.compile")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -211,12 +218,13 @@ def main(argv: list[str] | None = None) -> dict:
         _, preset, num_classes, training = known[name]
         for dtype in args.dtypes:
             for batch_size in args.batch_sizes:
-                logger.info("running %s %s batch %d", name, dtype, batch_size)
-                results.append(run_in_subprocess(
-                    name=name, preset=preset, num_classes=num_classes, training=training, dtype=dtype,
-                    batch_size=batch_size, runs=args.runs, warmup=args.warmup, threads=args.threads,
-                    tiny=args.tiny, device=args.device,
-                ))
+                for compiled in (False, True) if args.compile and not training else (False,):
+                    logger.info("running %s %s batch %d%s", name, dtype, batch_size, " compiled" if compiled else "")
+                    results.append(run_in_subprocess(
+                        name=name, preset=preset, num_classes=num_classes, training=training, dtype=dtype,
+                        batch_size=batch_size, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                        tiny=args.tiny, device=args.device, compiled=compiled,
+                    ))
     report = {
         "machine": {"threads": args.threads, "device": args.device, "torch": torch.__version__},
         "matmul_peak_gflops": peaks,

@@ -1,0 +1,22 @@
+"""The speed benchmark runs end to end on a tiny configuration and writes valid JSON."""
+
+import json
+
+from clip_rc.benchmark import main
+
+
+def test_benchmark_writes_a_report(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    report = main(["--tiny", "--cases", "inference-20", "train-20", "--dtypes", "fp32", "--batch_sizes", "2",
+                   "--runs", "1", "--warmup", "0", "--threads", "1", "--json", str(path)])  # fmt: skip
+    assert json.loads(path.read_text()) == json.loads(json.dumps(report))
+    results = {result["name"]: result for result in report["results"]}
+    assert set(results) == {"inference-20", "train-20"}
+    for result in results.values():
+        assert result["batch_size"] == 2 and result["dtype"] == "fp32" and not result["compiled"]
+        assert result["seconds_per_crop"] > 0 and result["peak_memory_mb"] > 0
+        assert result["gflop_per_crop"] > 0
+    # A training step does the forward pass and more (backward through the prompts and the head).
+    assert results["train-20"]["gflop_per_crop"] > 2 * results["inference-20"]["gflop_per_crop"]
+    assert report["matmul_peak_gflops"]["fp32"] > 0
+    assert "inference-20" in capsys.readouterr().out
