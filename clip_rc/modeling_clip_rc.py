@@ -407,23 +407,43 @@ class CLIPRCDecodeHead(nn.Module):
         )
 
 
-def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
-    """Per-(image, class) focal loss averaged over pixels: `logits`, `targets` (B, C, P) -> (B, C)."""
-    cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    probabilities = logits.sigmoid()
-    p_t = probabilities * targets + (1 - probabilities) * (1 - targets)
-    loss = cross_entropy * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.mean(-1)
+def mask_losses(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, alpha: float, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Sigmoid focal and dice losses of every (image, class) mask against one-hot targets, without building the
+    one-hot tensor: every pixel first counts as a negative of every class, then the true class's positive term
+    replaces its negative one at labelled pixels. Ignored pixels stay negatives of every class, as in the reference.
 
+    Args:
+        logits (`(B, C, P)`): mask logits at the label resolution, flattened.
+        targets (`(B, P)`): class ids in `[0, C)` or `ignore_index`.
+    Returns:
+        `(focal, dice, present)`, each `(B, C)`: the focal loss averaged over pixels, the dice loss
+        `1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1)`, and whether the class has pixels in the image.
+    """
+    batch_size, num_classes, num_pixels = logits.shape
+    valid = targets != ignore_index
+    class_index = targets.masked_fill(~valid, 0)
+    positive_weight, negative_weight = (alpha, 1 - alpha) if alpha >= 0 else (1.0, 1.0)
 
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-(image, class) dice loss: `logits`, `targets` (B, C, P) -> (B, C)."""
     probabilities = logits.sigmoid()
-    numerator = 2 * (probabilities * targets).sum(-1)
-    denominator = probabilities.sum(-1) + targets.sum(-1)
-    return 1 - (numerator + 1) / (denominator + 1)
+    # BCE-with-logits against 0 is softplus(x), against 1 softplus(-x).
+    negative_terms = negative_weight * probabilities.pow(gamma) * F.softplus(logits)
+    true_logits = logits.gather(1, class_index[:, None]).squeeze(1)
+    true_probabilities = true_logits.sigmoid()
+    true_positive_terms = positive_weight * (1 - true_probabilities).pow(gamma) * F.softplus(-true_logits)
+    true_negative_terms = negative_weight * true_probabilities.pow(gamma) * F.softplus(true_logits)
+
+    def per_class_sum(values: torch.Tensor) -> torch.Tensor:
+        totals = values.new_zeros(batch_size, num_classes)
+        return totals.scatter_add(1, class_index, values * valid)
+
+    focal = (negative_terms.sum(-1) + per_class_sum(true_positive_terms - true_negative_terms)) / num_pixels
+    pixel_counts = per_class_sum(torch.ones_like(true_logits))
+    intersection = per_class_sum(true_probabilities)
+    dice = 1 - (2 * intersection + 1) / (probabilities.sum(-1) + pixel_counts + 1)
+    return focal, dice, pixel_counts > 0
 
 
 def _global_mean_count(count: torch.Tensor) -> float:
@@ -641,16 +661,12 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
                 as negatives of every class in the focal loss).
         """
         config = self.config
-        num_classes = mask_logits.shape[1]
-        valid = targets != config.ignore_index
-        one_hot = F.one_hot(targets.masked_fill(~valid, num_classes), num_classes + 1)[..., :num_classes]
-        one_hot = one_hot.permute(0, 3, 1, 2).flatten(2).to(mask_logits.dtype)
-        flat_logits = mask_logits.flatten(2)
-        present = one_hot.sum(-1) > 0
+        focal, dice, present = mask_losses(
+            mask_logits.flatten(2), targets.flatten(1), config.ignore_index, config.focal_alpha, config.focal_gamma
+        )
         num_masks = _global_mean_count(present.sum().to(mask_logits.dtype))
-
-        focal = sigmoid_focal_loss(flat_logits, one_hot, config.focal_alpha, config.focal_gamma).sum() / num_masks
-        dice = (dice_loss(flat_logits, one_hot) * present).sum() / num_masks
+        focal = focal.sum() / num_masks
+        dice = (dice * present).sum() / num_masks
         patch_tokens = image_features.patch_embeds.flatten(2).transpose(1, 2)
         recovery_query = F.l1_loss(decoder_output.recovered_queries, decoder_output.region_text_queries.detach())
         recovery_pixel = F.l1_loss(decoder_output.recovered_pixels, patch_tokens.detach())

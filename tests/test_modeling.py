@@ -534,3 +534,25 @@ def test_chunked_labels_equal_the_argmax_of_the_scores(model, classes_per_chunk)
     for index, size in enumerate(sizes):
         scores = model.sliding_window_scores(pixel_values[index : index + 1], text_embeds=text_embeds, output_size=size)
         assert torch.equal(labels[index], scores[0].argmax(dim=0))
+
+
+def test_mask_losses_equal_the_one_hot_computation():
+    from clip_rc.modeling_clip_rc import mask_losses
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 300, dtype=torch.float64) * 3
+    targets = torch.randint(0, 5, (2, 300))
+    targets[:, :40] = 255
+    targets[1][targets[1] == 3] = 4  # class 3 absent from the second image
+    one_hot = F.one_hot(targets.masked_fill(targets == 255, 5), 6)[..., :5].permute(0, 2, 1).to(logits.dtype)
+    probabilities = logits.sigmoid()
+    p_t = probabilities * one_hot + (1 - probabilities) * (1 - one_hot)
+    alpha_t = 0.25 * one_hot + 0.75 * (1 - one_hot)
+    bce = F.binary_cross_entropy_with_logits(logits, one_hot, reduction="none")
+    expected_focal = (alpha_t * (1 - p_t) ** 2 * bce).mean(-1)
+    expected_dice = 1 - (2 * (probabilities * one_hot).sum(-1) + 1) / (probabilities.sum(-1) + one_hot.sum(-1) + 1)
+
+    focal, dice, present = mask_losses(logits, targets, 255, 0.25, 2.0)
+    torch.testing.assert_close(focal, expected_focal)
+    torch.testing.assert_close(dice, expected_dice)
+    assert present.tolist() == (one_hot.sum(-1) > 0).tolist() and not present[1, 3]
