@@ -30,6 +30,7 @@ that [`clip_rc.data.load_segmentation_dataset`] returns (255 is the ignore index
   empty: every class counts as seen, and "unseen" metrics are not defined for these benchmarks.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -38,8 +39,18 @@ __all__ = [
     "BENCHMARKS",
     "COCO_STUFF_TEMPLATES",
     "VOC_TEMPLATES",
+    "check_templates",
     "get_benchmark",
 ]
+
+
+def check_templates(templates: str | Sequence[str], field: str = "templates") -> tuple[str, ...]:
+    """The prompt templates as a tuple; `ValueError` naming `field` unless there is at least one and each holds
+    exactly one `{}` slot for the class name."""
+    templates = (templates,) if isinstance(templates, str) else tuple(templates)
+    if not templates or any(template.count("{}") != 1 for template in templates):
+        raise ValueError(f"`{field}` needs at least one template, each with exactly one '{{}}' slot; got {templates}.")
+    return templates
 
 
 @dataclass(frozen=True)
@@ -56,7 +67,7 @@ class Benchmark:
             Ids of the classes held out in the zero-shot (inductive / transductive) setting; `()` if the
             benchmark has no zero-shot split.
         templates (`tuple[str, ...]`):
-            Prompt templates with one `"{}"` placeholder for the class name. The text embedding of a class is
+            Prompt templates with one `"{}"` slot for the class name. The text embedding of a class is
             the renormalised mean of the normalised embeddings of its prompts.
         palette (`tuple[tuple[int, int, int], ...]`):
             One RGB colour per class, for visualisation.
@@ -83,8 +94,7 @@ class Benchmark:
             raise ValueError(f"Benchmark {self.name!r} has unseen class ids outside [0, {num_classes}).")
         if len(set(self.unseen_class_ids)) != len(self.unseen_class_ids):
             raise ValueError(f"Benchmark {self.name!r} has duplicate unseen class ids.")
-        if not self.templates or any(template.count("{}") != 1 for template in self.templates):
-            raise ValueError(f"Benchmark {self.name!r} needs templates with exactly one '{{}}' placeholder each.")
+        check_templates(self.templates, field=f"templates of benchmark {self.name!r}")
         if 0 <= self.ignore_index < num_classes:
             raise ValueError(f"Benchmark {self.name!r} has an ignore index that is also a class id.")
 

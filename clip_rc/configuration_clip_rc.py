@@ -3,7 +3,7 @@
 from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.utils import logging
 
-from .benchmarks import get_benchmark
+from .benchmarks import check_templates, get_benchmark
 
 
 logger = logging.get_logger(__name__)
@@ -175,11 +175,7 @@ class CLIPRCConfig(PreTrainedConfig):
                 f"`decoder_hidden_size` ({self.decoder_hidden_size}) must be a multiple of "
                 f"`decoder_num_attention_heads` ({self.decoder_num_attention_heads})."
             )
-        for template in self.prompt_templates:
-            if template.count("{}") != 1:
-                raise ValueError(f"every entry of `prompt_templates` needs exactly one '{{}}', got {template!r}.")
-        if not self.prompt_templates:
-            raise ValueError("`prompt_templates` must hold at least one template.")
+        check_templates(self.prompt_templates, field="prompt_templates")
         if self.seen_class_ids is not None:
             out_of_range = [i for i in self.seen_class_ids if not 0 <= i < self.num_labels]
             if out_of_range:

@@ -62,6 +62,7 @@ try:
 except ImportError:  # pragma: no cover - PIL is a dependency of the package
     Image = None
 
+from .benchmarks import check_templates
 from .modeling_clip_rc import tokenize_class_prompts
 from .processing_clip_rc import CLIPRCImageProcessor, CLIPRCProcessor
 
@@ -117,10 +118,7 @@ def _as_label_list(candidate_labels) -> list[str] | None:
 def _as_templates(templates) -> list[str] | None:
     if templates is None:
         return None
-    templates = [templates] if isinstance(templates, str) else list(templates)
-    if not templates or any(template.count("{}") != 1 for template in templates):
-        raise ValueError(f"Every template needs exactly one '{{}}' placeholder, got {templates}.")
-    return templates
+    return list(check_templates(templates))
 
 
 class CLIPRCSegmentationPipeline(ImageSegmentationPipeline):

@@ -36,6 +36,8 @@ from transformers.image_utils import (
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import TensorType, logging
 
+from .benchmarks import check_templates
+
 
 logger = logging.get_logger(__name__)
 
@@ -310,19 +312,12 @@ class CLIPRCProcessor(ProcessorMixin):
         tokenizer (`CLIPTokenizer` or `CLIPTokenizerFast`):
             The CLIP tokenizer.
         templates (`Sequence[str]`, *optional*, defaults to `("a photo of a {}",)`):
-            Prompt templates with one `"{}"` placeholder; saved with the processor.
+            Prompt templates with one `"{}"` slot; saved with the processor.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, templates: Sequence[str] | None = None, **kwargs):
-        self.templates = self._check_templates(DEFAULT_TEMPLATES if templates is None else templates)
+        self.templates = check_templates(DEFAULT_TEMPLATES if templates is None else templates)
         super().__init__(image_processor, tokenizer, **kwargs)
-
-    @staticmethod
-    def _check_templates(templates: Sequence[str] | str) -> tuple[str, ...]:
-        templates = (templates,) if isinstance(templates, str) else tuple(templates)
-        if not templates or any(template.count("{}") != 1 for template in templates):
-            raise ValueError(f"Every template needs exactly one '{{}}' placeholder, got {templates}.")
-        return templates
 
     def __call__(
         self,
@@ -386,7 +381,7 @@ class CLIPRCProcessor(ProcessorMixin):
         class_names = [class_names] if isinstance(class_names, str) else list(class_names)
         if not class_names:
             raise ValueError("text must hold at least one class name.")
-        templates = self.templates if templates is None else self._check_templates(templates)
+        templates = self.templates if templates is None else check_templates(templates)
         prompts = [template.format(name) for name in class_names for template in templates]
 
         if padding == "max_length" and max_length is None:

@@ -76,5 +76,5 @@ def test_benchmark_is_frozen_and_validated():
         Benchmark("bad", ("a", "b"), (), ("{}",), ((0, 0, 0),))
     with pytest.raises(ValueError, match="unseen"):
         Benchmark("bad", ("a", "b"), (2,), ("{}",), ((0, 0, 0), (1, 1, 1)))
-    with pytest.raises(ValueError, match="placeholder"):
-        Benchmark("bad", ("a", "b"), (), ("no placeholder",), ((0, 0, 0), (1, 1, 1)))
+    with pytest.raises(ValueError, match="slot"):
+        Benchmark("bad", ("a", "b"), (), ("no slot",), ((0, 0, 0), (1, 1, 1)))

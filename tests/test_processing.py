@@ -156,8 +156,8 @@ def test_text_prompts_shape_padding_and_eot(processor):
     assert longest["input_ids"].shape == (1, 1, 3)
     lists = processor(text="dog")
     assert np.array(lists["input_ids"]).shape == (1, 2, 32)
-    with pytest.raises(ValueError, match="placeholder"):
-        processor(text=["cat"], templates=["no placeholder"])
+    with pytest.raises(ValueError, match="slot"):
+        processor(text=["cat"], templates=["no slot"])
     with pytest.raises(ValueError, match="Pass images, text"):
         processor()
 
