@@ -15,7 +15,6 @@
 
 import math
 import socket
-import textwrap
 import warnings
 
 import numpy as np
@@ -25,6 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from clip_rc.metrics import SegmentationMetric, compute_with_evaluate, cross_check, format_results_table
+
+from .local_metric import local_metric
 
 
 TOTAL_KEYS = ("total_area_intersect", "total_area_union", "total_area_pred_label", "total_area_label")
@@ -234,55 +235,9 @@ def test_two_process_reduction_matches_single_process(tmp_path):
     assert not torch.equal(local_sum, single.total_area_label)
 
 
-# A stand-in for `mean_iou` (the Hub is unreachable in tests), written independently: it builds a confusion matrix per
-# map. Like `mean_iou` it declares image features, so maps go through the same `datasets` encoding. Note: `evaluate`
-# scans the script's imports line by line, so each import must be on its own line.
-LOCAL_METRIC_SCRIPT = textwrap.dedent(
-    '''
-    import datasets
-    import evaluate
-    import numpy as np
-
-
-    class LocalConfusionIoU(evaluate.Metric):
-        def _info(self):
-            return evaluate.MetricInfo(
-                description="IoU from summed confusion matrices (test stand-in for mean_iou).",
-                citation="",
-                inputs_description="predictions, references: lists of (H, W) label maps.",
-                features=datasets.Features({"predictions": datasets.Image(), "references": datasets.Image()}),
-            )
-
-        def _compute(self, predictions, references, num_labels, ignore_index, reduce_labels=False):
-            assert not reduce_labels
-            confusion = np.zeros((num_labels, num_labels), dtype=np.int64)  # rows: reference, columns: prediction
-            for prediction, reference in zip(predictions, references):
-                prediction = np.asarray(prediction).astype(np.int64).ravel()
-                reference = np.asarray(reference).astype(np.int64).ravel()
-                keep = reference != ignore_index
-                np.add.at(confusion, (reference[keep], prediction[keep]), 1)
-            hits = np.diag(confusion).astype(np.float64)
-            per_reference = confusion.sum(axis=1)
-            per_prediction = confusion.sum(axis=0)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                iou = hits / (per_reference + per_prediction - hits)
-                accuracy = hits / per_reference
-            return {
-                "mean_iou": np.nanmean(iou),
-                "mean_accuracy": np.nanmean(accuracy),
-                "overall_accuracy": hits.sum() / per_reference.sum(),
-                "per_category_iou": iou,
-                "per_category_accuracy": accuracy,
-            }
-    '''
-)
-
-
 def test_evaluate_backed_path_on_a_local_metric_folder_matches(tmp_path):
     pytest.importorskip("evaluate")
-    folder = tmp_path / "local_confusion_iou"
-    folder.mkdir()
-    (folder / "local_confusion_iou.py").write_text(LOCAL_METRIC_SCRIPT)
+    folder = local_metric(tmp_path, "local_confusion_iou")
 
     predictions, references = random_maps(seed=4, num_maps=6, num_labels=5)
     predictions.append(PREDICTION)
@@ -293,7 +248,7 @@ def test_evaluate_backed_path_on_a_local_metric_folder_matches(tmp_path):
     ours = ours_metric.compute()
 
     theirs = compute_with_evaluate(
-        [torch.from_numpy(prediction) for prediction in predictions], references, num_labels=5, metric_path=str(folder)
+        [torch.from_numpy(prediction) for prediction in predictions], references, num_labels=5, metric_path=folder
     )
     mean_iou_keys = {"mean_iou", "mean_accuracy", "overall_accuracy", "per_category_iou", "per_category_accuracy"}
     assert set(theirs) == mean_iou_keys
