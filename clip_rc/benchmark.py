@@ -140,18 +140,22 @@ def run_case(
 
 
 def matmul_peak_gflops(dtype: torch.dtype, threads: int, device: str, size: int = 512, repeats: int = 3) -> float:
-    """Best-of-`repeats` GFLOP/s of a square matmul."""
+    """Best-of-`repeats` GFLOP/s of a square matmul with `threads` threads (the caller's thread count is kept)."""
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    left = torch.randn(size, size, device=device, dtype=dtype)
-    right = torch.randn(size, size, device=device, dtype=dtype)
-    left @ right
-    best = float("inf")
-    for _ in range(repeats):
-        _synchronize(torch.device(device))
-        start = time.perf_counter()
+    try:
+        left = torch.randn(size, size, device=device, dtype=dtype)
+        right = torch.randn(size, size, device=device, dtype=dtype)
         left @ right
-        _synchronize(torch.device(device))
-        best = min(best, time.perf_counter() - start)
+        best = float("inf")
+        for _ in range(repeats):
+            _synchronize(torch.device(device))
+            start = time.perf_counter()
+            left @ right
+            _synchronize(torch.device(device))
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous_threads)
     return 2 * size**3 / best / 1e9
 
 

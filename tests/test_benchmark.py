@@ -2,10 +2,13 @@
 
 import json
 
+import torch
+
 from clip_rc.benchmark import main
 
 
 def test_benchmark_writes_a_report(tmp_path, capsys):
+    threads = torch.get_num_threads()
     path = tmp_path / "bench.json"
     report = main(["--tiny", "--cases", "inference-20", "train-20", "--dtypes", "fp32", "--batch_sizes", "2",
                    "--runs", "1", "--warmup", "0", "--threads", "1", "--json", str(path)])  # fmt: skip
@@ -20,3 +23,4 @@ def test_benchmark_writes_a_report(tmp_path, capsys):
     assert results["train-20"]["gflop_per_crop"] > 2 * results["inference-20"]["gflop_per_crop"]
     assert report["matmul_peak_gflops"]["fp32"] > 0
     assert "inference-20" in capsys.readouterr().out
+    assert torch.get_num_threads() == threads  # the measurement leaves the caller's thread count alone

@@ -442,6 +442,7 @@ def test_trust_remote_code_load_in_a_fresh_process(model, tmp_path):
         f"""
         import sys, torch
         from transformers import AutoModelForSemanticSegmentation
+        torch.set_num_threads({torch.get_num_threads()})  # the same reduction order as the parent process
         model = AutoModelForSemanticSegmentation.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
         assert "clip_rc" not in sys.modules, "the package itself was imported"
         logits = model(torch.load({str(tmp_path / 'pixels.pt')!r})).logits
