@@ -911,7 +911,7 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
 
     @classmethod
     def from_clip(
-        cls, clip_name_or_path: str | Path | CLIPModel, config: CLIPRCConfig, tokenizer=None, **kwargs
+        cls, clip_name_or_path: str | Path | CLIPModel, config: CLIPRCConfig | dict, tokenizer=None, **kwargs
     ) -> "CLIPRCForSemanticSegmentation":
         """
         A CLIP-RC model initialised from a CLIP checkpoint in the Hub's format (e.g. `openai/clip-vit-base-patch16`
@@ -924,8 +924,9 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
 
         Args:
             clip_name_or_path: Hub id, local folder or an already loaded `CLIPModel`.
-            config: the CLIP-RC configuration; its `vision_config`, `text_config` and `projection_dim` are replaced
-                by the CLIP checkpoint's.
+            config: the CLIP-RC configuration, or a dict of its fields; `vision_config`, `text_config` and
+                `projection_dim` come from the CLIP checkpoint (a dict is validated against those, so a config for
+                a CLIP other than ViT-B/16 needs no tower settings of its own).
             kwargs: passed to `CLIPModel.from_pretrained`.
         """
         clip = clip_name_or_path
@@ -933,7 +934,7 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
             clip = CLIPModel.from_pretrained(clip_name_or_path, **kwargs)
         config = CLIPRCConfig.from_dict(
             {
-                **config.to_dict(),
+                **(config.to_dict() if isinstance(config, CLIPRCConfig) else config),
                 "vision_config": clip.config.vision_config.to_dict(),
                 "text_config": clip.config.text_config.to_dict(),
                 "projection_dim": clip.config.projection_dim,

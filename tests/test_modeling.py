@@ -557,3 +557,14 @@ def test_mask_losses_equal_the_one_hot_computation():
     torch.testing.assert_close(focal, expected_focal)
     torch.testing.assert_close(dice, expected_dice)
     assert present.tolist() == (one_hot.sum(-1) > 0).tolist() and not present[1, 3]
+
+
+def test_from_clip_takes_config_fields_checked_against_the_clip():
+    fields = {"crop_size": 64, "sliding_window_stride": 48, "num_prompt_tokens": 2, "region_grid_size": 4,
+              "decoder_hidden_size": 24, "decoder_num_attention_heads": 4, "decoder_intermediate_size": 48,
+              "id2label": {0: "cat", 1: "dog"}}  # fmt: skip
+    # A 4x4 region grid fits the tiny CLIP's 8x8 patch grid at 64 px, not ViT-B/16's 4x4 grid.
+    model = CLIPRCForSemanticSegmentation.from_clip(tiny_clip(), fields)
+    assert model.config.vision_config.patch_size == 8 and model.config.num_region_tokens == 16
+    with pytest.raises(ValueError, match="region_grid_size"):
+        CLIPRCForSemanticSegmentation.from_clip(tiny_clip(), {**fields, "region_grid_size": 3})
