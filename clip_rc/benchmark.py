@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .configuration_clip_rc import CLIPRCConfig
 from .modeling_clip_rc import CLIPRCForSemanticSegmentation
-from .utils import write_json_atomic
+from .utils import setup_logging, write_json_atomic
 
 
 logger = logging.getLogger("clip_rc.benchmark")
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true", help="also time inference through torch.compile")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
 
     known = {case[0]: case for case in DEFAULT_CASES}
     unknown = [name for name in args.cases if name not in known]

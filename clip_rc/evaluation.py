@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -66,7 +65,7 @@ from .metrics import (
     cross_check,
     format_results_table,
 )
-from .utils import json_ready, launched_without_accelerator, write_json_atomic
+from .utils import json_ready, launched_without_accelerator, setup_logging, write_json_atomic
 from .predict import class_palette, encode_class_names, load_model_and_processor, overlay_label_map
 
 
@@ -533,15 +532,6 @@ def load_eval_split(args: argparse.Namespace):
     return dataset, split, getattr(_installed_decoder(dataset), "num_classes", None)
 
 
-def _setup_logging(is_main_process: bool):
-    package_logger = logging.getLogger("clip_rc")
-    if not package_logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        package_logger.addHandler(handler)
-    package_logger.setLevel(logging.INFO if is_main_process else logging.WARNING)
-
-
 def save_iou_plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Horizontal bar chart of the per-class IoU (seen classes blue, unseen orange), saved as a PNG."""
     import matplotlib
@@ -578,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # or torchrun; `accelerate launch --cpu` starts a single process in accelerate 1.x unless mpirun is used) run as
     # one gloo process group (accelerate's MULTI_CPU) rather than as independent single-process runs.
     accelerator = Accelerator(cpu=args.cpu or launched_without_accelerator())
-    _setup_logging(accelerator.is_main_process)
+    setup_logging(accelerator.is_main_process)
 
     model, image_processor, tokenizer = load_model_and_processor(
         args.model, args.processor, trust_remote_code=args.trust_remote_code, device=accelerator.device

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,6 +50,7 @@ from transformers.utils import logging as hf_logging
 from .benchmarks import BENCHMARKS, get_benchmark
 from .modeling_clip_rc import tokenize_class_prompts
 from .processing_clip_rc import CLIPRCImageProcessor, CLIPRCProcessor
+from .utils import setup_logging
 
 
 logger = hf_logging.get_logger("clip_rc.predict")
@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     missing = [path for path in args.images if not os.path.isfile(path)]
     if missing:
         parser.error(f"image file(s) not found: {missing}")
-    _setup_logging()
+    setup_logging()
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, image_processor, tokenizer = load_model_and_processor(
@@ -397,16 +397,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         )
         logger.info(f"{path}: " + ", ".join(f"{name} {100 * share:.1f}%" for name, share in fractions.items()))
     return records
-
-
-def _setup_logging():
-    """Show this package's info messages on the terminal (the `clip_rc` logger only)."""
-    package_logger = logging.getLogger("clip_rc")
-    if not package_logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        package_logger.addHandler(handler)
-    package_logger.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ from .data import (
 from .evaluation import evaluate_model
 from .metrics import format_results_table
 from .processing_clip_rc import CLIPRCImageProcessor, CLIPRCProcessor
-from .utils import launched_without_accelerator, write_json_atomic
+from .utils import launched_without_accelerator, setup_logging, write_json_atomic
 
 
 logger = get_logger(__name__)
@@ -922,9 +922,7 @@ def _resolve_plan(model_args, training_args, config: CLIPRCConfig, num_processes
 
 
 def _setup_logging(accelerator: Accelerator):
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
-    )
+    setup_logging(accelerator.is_local_main_process)
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_warning()

@@ -1,6 +1,7 @@
 """Small helpers shared by the scripts: strict, atomic JSON files and launcher detection."""
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 
-__all__ = ["json_ready", "launched_without_accelerator", "write_json_atomic"]
+__all__ = ["json_ready", "launched_without_accelerator", "setup_logging", "write_json_atomic"]
 
 
 def json_ready(value: Any) -> Any:
@@ -66,3 +67,11 @@ def launched_without_accelerator() -> bool:
     except ValueError:
         world_size = 1
     return world_size > 1 and not torch.accelerator.is_available()
+
+
+def setup_logging(is_main_process: bool = True):
+    """Show this package's messages on the terminal through one root handler (a no-op when the program already has
+    one, so scripts that call each other never print a message twice): INFO on the main process, warnings on the
+    others."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("clip_rc").setLevel(logging.INFO if is_main_process else logging.WARNING)
