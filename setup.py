@@ -37,6 +37,7 @@ setup(
             "clip-rc-convert = clip_rc.convert_original:main",
             "clip-rc-flops = clip_rc.flops:main_flops",
             "clip-rc-benchmark = clip_rc.benchmark:main",
+            "clip-rc-demo = clip_rc.demo:main",
         ]
     },
 )
