@@ -74,6 +74,7 @@ __all__ = [
     "SegmentationTrainTransform",
     "collate_fn",
     "coco_stuff_train_id_lut",
+    "installed_decoder",
     "load_segmentation_dataset",
     "photometric_distortion",
     "random_crop_box",
@@ -270,7 +271,7 @@ class _ChainedTransform:
         return batch
 
 
-def _installed_decoder(dataset: datasets.Dataset) -> SegmentationDecoder:
+def installed_decoder(dataset: datasets.Dataset) -> SegmentationDecoder:
     """The decoder installed on `dataset` by the loader, or a default one (no remapping) if there is none."""
     transform = dataset.format.get("format_kwargs", {}).get("transform")
     if isinstance(transform, _ChainedTransform):
@@ -298,7 +299,7 @@ def with_segmentation_transform(
         return datasets.DatasetDict(
             {split: with_segmentation_transform(split_dataset, transform) for split, split_dataset in dataset.items()}
         )
-    return dataset.with_transform(_ChainedTransform(_installed_decoder(dataset), transform))
+    return dataset.with_transform(_ChainedTransform(installed_decoder(dataset), transform))
 
 
 # ----------------------------------------------------------------------------------------------------------------

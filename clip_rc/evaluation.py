@@ -54,16 +54,17 @@ from .data import (
     REFERENCE_IMAGE_STD,
     SegmentationEvalTransform,
     collate_fn,
+    installed_decoder,
     load_segmentation_dataset,
     with_segmentation_transform,
 )
 from .metrics import (
     SegmentationMetric,
-    _harmonic_mean,
-    _nanmean,
     compute_with_evaluate,
     cross_check,
     format_results_table,
+    harmonic_mean,
+    nanmean,
 )
 from .utils import json_ready, launched_without_accelerator, setup_logging, write_json_atomic
 from .predict import class_palette, encode_class_names, load_model_and_processor, overlay_label_map
@@ -106,14 +107,14 @@ def with_split_figures(results: Mapping[str, Any], seen_class_ids: Sequence[int]
     per_category_iou = np.asarray(results["per_category_iou"], dtype=np.float64)
     seen = sorted(int(class_id) for class_id in seen_class_ids)
     unseen = [class_id for class_id in range(num_labels) if class_id not in set(seen)]
-    mean_iou_seen = _nanmean(per_category_iou[seen])
-    mean_iou_unseen = _nanmean(per_category_iou[unseen])
+    mean_iou_seen = nanmean(per_category_iou[seen])
+    mean_iou_unseen = nanmean(per_category_iou[unseen])
     output = dict(results)
     output.update(
         {
             "mean_iou_seen": mean_iou_seen,
             "mean_iou_unseen": mean_iou_unseen,
-            "harmonic_iou": _harmonic_mean(mean_iou_seen, mean_iou_unseen),
+            "harmonic_iou": harmonic_mean(mean_iou_seen, mean_iou_unseen),
             "seen_class_ids": seen,
             "unseen_class_ids": unseen,
         }
@@ -504,8 +505,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def load_eval_split(args: argparse.Namespace):
     """The raw (decoded, untransformed) split to score and the number of classes its labels hold (or `None`)."""
-    from .data import _installed_decoder
-
     if args.data_root is not None:
         split = args.split or "val"
         dataset_dict = load_segmentation_dataset(
@@ -529,7 +528,7 @@ def load_eval_split(args: argparse.Namespace):
                 f"Split {split!r} is not in {args.dataset}; available splits: {list(dataset_dict)}. Pass --split."
             )
     dataset = dataset_dict[split]
-    return dataset, split, getattr(_installed_decoder(dataset), "num_classes", None)
+    return dataset, split, getattr(installed_decoder(dataset), "num_classes", None)
 
 
 def save_iou_plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:

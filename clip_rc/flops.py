@@ -13,7 +13,6 @@ matrix products, convolutions and attention only (no norms, activations, softmax
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from transformers.utils import logging
 
 from .configuration_clip_rc import PRESETS, CLIPRCConfig
 from .modeling_clip_rc import CLIPRCForSemanticSegmentation
+from .utils import write_json_atomic
 
 
 logger = logging.get_logger(__name__)
@@ -203,7 +203,7 @@ def main_flops(argv: list[str] | None = None) -> int:
         return 1
     sys.stdout.write(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(args.json, report)
     return 0
 
 

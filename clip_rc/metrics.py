@@ -37,13 +37,13 @@ LabelMaps = Union[torch.Tensor, np.ndarray]
 _TOTAL_KEYS = ("total_area_intersect", "total_area_union", "total_area_pred_label", "total_area_label")
 
 
-def _nanmean(values: np.ndarray) -> float:
+def nanmean(values: np.ndarray) -> float:
     """`np.nanmean` without the "Mean of empty slice" warning: NaN when every value is NaN (or there are none)."""
     kept = values[~np.isnan(values)]
     return float(kept.mean()) if kept.size else float("nan")
 
 
-def _harmonic_mean(seen: float, unseen: float) -> float:
+def harmonic_mean(seen: float, unseen: float) -> float:
     """hIoU = 2·S·U / (S + U); NaN if either side is NaN, 0 if both are 0 (the limit of the harmonic mean)."""
     if math.isnan(seen) or math.isnan(unseen):
         return float("nan")
@@ -271,17 +271,17 @@ class SegmentationMetric:
             per_category_accuracy = intersect / label
             overall_accuracy = float(intersect.sum() / label.sum())
 
-        mean_iou_seen = _nanmean(per_category_iou[self.seen_class_ids])
-        mean_iou_unseen = _nanmean(per_category_iou[self.unseen_class_ids])
+        mean_iou_seen = nanmean(per_category_iou[self.seen_class_ids])
+        mean_iou_unseen = nanmean(per_category_iou[self.unseen_class_ids])
         return {
-            "mean_iou": _nanmean(per_category_iou),
-            "mean_accuracy": _nanmean(per_category_accuracy),
+            "mean_iou": nanmean(per_category_iou),
+            "mean_accuracy": nanmean(per_category_accuracy),
             "overall_accuracy": overall_accuracy,
             "per_category_iou": per_category_iou,
             "per_category_accuracy": per_category_accuracy,
             "mean_iou_seen": mean_iou_seen,
             "mean_iou_unseen": mean_iou_unseen,
-            "harmonic_iou": _harmonic_mean(mean_iou_seen, mean_iou_unseen),
+            "harmonic_iou": harmonic_mean(mean_iou_seen, mean_iou_unseen),
             "seen_class_ids": list(self.seen_class_ids),
             "unseen_class_ids": list(self.unseen_class_ids),
         }

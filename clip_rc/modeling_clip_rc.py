@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import CLIPModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPTextModel
 from transformers.utils import logging
@@ -273,8 +275,14 @@ class CLIPRCCrossAttention(nn.Module):
         return self.proj(attended.transpose(1, 2).reshape(batch_size, num_queries, hidden_size))
 
 
-class CLIPRCDecoderLayer(nn.Module):
-    """A post-norm transformer decoder layer without self-attention: cross-attention, then a ReLU feed-forward."""
+class CLIPRCDecoderLayer(GradientCheckpointingLayer):
+    """
+    A post-norm transformer decoder layer without self-attention: cross-attention, then a ReLU feed-forward.
+
+    With gradient checkpointing enabled it keeps only its inputs for the backward pass: in training, with attention
+    dropout, CPU attention materialises the (heads, queries, keys) maps of 16 x C queries, the largest activations
+    of the model (the recomputation replays the same dropout masks).
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, dropout: float, attention_dropout: float):
         super().__init__()
@@ -444,6 +452,30 @@ def mask_losses(
     intersection = per_class_sum(true_probabilities)
     dice = 1 - (2 * intersection + 1) / (probabilities.sum(-1) + pixel_counts + 1)
     return focal, dice, pixel_counts > 0
+
+
+# Full-resolution logits per class chunk of the training loss (16 MB in fp32): with many classes, the upsampled
+# logits and the loss's intermediates of one chunk at a time are alive, recomputed in the backward pass.
+LOSS_ELEMENTS_PER_CHUNK = 2**22
+
+
+def upsampled_mask_losses(
+    logits: torch.Tensor, targets: torch.Tensor, first_class: int, ignore_index: int, alpha: float, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    [`mask_losses`] of the head channels `first_class ... first_class + c - 1` on their logits upsampled
+    (bilinear) to the label size. Pixels of the other channels are negatives of these, as they are in the loss over
+    all channels, so the losses of consecutive channel ranges concatenate to those of every channel at once.
+
+    Args:
+        logits (`(B, c, h, w)`): mask logits of the channel range at the patch-grid resolution.
+        targets (`(B, H, W)`): head channel ids of every channel, or `ignore_index`.
+    """
+    num_classes = logits.shape[1]
+    mask_logits = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
+    in_range = (targets != ignore_index) & (targets >= first_class) & (targets < first_class + num_classes)
+    range_targets = torch.where(in_range, targets - first_class, ignore_index)
+    return mask_losses(mask_logits.flatten(2), range_targets.flatten(1), ignore_index, alpha, gamma)
 
 
 def _global_mean_count(count: torch.Tensor) -> float:
@@ -649,22 +681,33 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
         return lookup
 
     def compute_loss(
-        self, mask_logits: torch.Tensor, targets: torch.Tensor, decoder_output: CLIPRCDecoderOutput,
+        self, logits: torch.Tensor, targets: torch.Tensor, decoder_output: CLIPRCDecoderOutput,
         image_features: CLIPRCImageFeatures,
     ) -> dict[str, torch.Tensor]:
         """
         Weighted focal, dice and recovery losses (SPEC §4).
 
         Args:
-            mask_logits (`(B, C, H, W)`): logits upsampled to the label size.
+            logits (`(B, C, h, w)`): mask logits at the patch-grid resolution; the losses see them upsampled
+                (bilinear) to the label size, a chunk of classes at a time (see `LOSS_ELEMENTS_PER_CHUNK`).
             targets (`(B, H, W)`): head channel ids, `ignore_index` for pixels that supervise nothing (they count
                 as negatives of every class in the focal loss).
         """
         config = self.config
-        focal, dice, present = mask_losses(
-            mask_logits.flatten(2), targets.flatten(1), config.ignore_index, config.focal_alpha, config.focal_gamma
-        )
-        num_masks = _global_mean_count(present.sum().to(mask_logits.dtype))
+        batch_size, num_classes = logits.shape[:2]
+        classes_per_chunk = max(1, LOSS_ELEMENTS_PER_CHUNK // (batch_size * targets[0].numel()))
+        # Recomputing a chunk in the backward pass only pays when there are several chunks to keep apart.
+        recompute = num_classes > classes_per_chunk and torch.is_grad_enabled() and logits.requires_grad
+        chunk_losses = []
+        for first in range(0, num_classes, classes_per_chunk):
+            chunk_logits = logits[:, first : first + classes_per_chunk]
+            arguments = (chunk_logits, targets, first, config.ignore_index, config.focal_alpha, config.focal_gamma)
+            if recompute:
+                chunk_losses.append(checkpoint(upsampled_mask_losses, *arguments, use_reentrant=False))
+            else:
+                chunk_losses.append(upsampled_mask_losses(*arguments))
+        focal, dice, present = (torch.cat(parts, dim=1) for parts in zip(*chunk_losses))
+        num_masks = _global_mean_count(present.sum().to(focal.dtype))
         focal = focal.sum() / num_masks
         dice = (dice * present).sum() / num_masks
         patch_tokens = image_features.patch_embeds.flatten(2).transpose(1, 2)
@@ -730,11 +773,10 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
 
         loss = loss_dict = None
         if labels is not None:
-            mask_logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
             targets = self._id_lookup(class_ids.tolist(), labels.device)[labels.long()]
             if self.config.setting == "transductive":
-                targets = self._pseudo_label_unseen(mask_logits, labels, targets)
-            loss_dict = self.compute_loss(mask_logits.float(), targets, decoder_output, image_features)
+                targets = self._pseudo_label_unseen(logits, labels, targets)
+            loss_dict = self.compute_loss(logits, targets, decoder_output, image_features)
             loss = sum(loss_dict.values())
 
         output = CLIPRCSemanticSegmenterOutput(
@@ -742,12 +784,16 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def _pseudo_label_unseen(self, mask_logits, labels, targets) -> torch.Tensor:
-        """Replace the targets of unseen-class pixels by the arg-max unseen class of the detached scores."""
+    def _pseudo_label_unseen(self, logits, labels, targets) -> torch.Tensor:
+        """Replace the targets of unseen-class pixels by the arg-max unseen class of the detached scores (the
+        unseen channels of `logits` (B, C, h, w) upsampled to the label size)."""
         unseen = torch.tensor(self.config.unseen_class_ids, device=labels.device)
         with torch.no_grad():
-            unseen_scores = mask_logits.detach()[:, unseen].sigmoid()  # ties where sigmoid saturates, as the reference
-            pseudo_labels = unseen[unseen_scores.argmax(dim=1)]
+            unseen_logits = F.interpolate(
+                logits.detach()[:, unseen].float(), size=labels.shape[-2:], mode="bilinear", align_corners=False
+            )
+            # Ties where sigmoid saturates, as in the reference.
+            pseudo_labels = unseen[unseen_logits.sigmoid().argmax(dim=1)]
         unseen_pixels = torch.isin(labels, unseen)
         return torch.where(unseen_pixels, pseudo_labels, targets)
 

@@ -16,8 +16,8 @@
 The world
 ---------
 Twelve classes ([`SYNTHETIC_CLASSES`]), each a fixed combination of a shape (circle, ellipse, triangle, square, star,
-ring, cross, crescent), a hue (red, yellow, green, cyan, blue, magenta) and a texture (solid, stripes, dots,
-checker). Every pair of classes differs in at least two of the three, colours and textures are each shared by
+ring, cross, crescent), a hue (red, orange, yellow, green, cyan, blue, purple, magenta) and a texture (solid, stripes,
+dots, checker). Every pair of classes differs in at least two of the three, textures and most colours are shared by
 several classes, and each unseen class (melon, donut, tile) shares its shape, its colour and its texture with seen
 classes, so no unseen class can be told by one novel attribute: it is a new combination. The class names are
 ordinary one-word nouns ("cherry", "frog", ...) that say nothing about how the class looks: a text encoder can
@@ -31,7 +31,8 @@ both to paint the pixels and to write the label map, so the label map is exact: 
 `k` is the top-most thing drawn, 255 (ignore) on the background and the distractors (the convention of PASCAL VOC
 without background). Object pixels are saturated colours, background pixels are not (see
 [`OBJECT_MIN_SATURATION`] / [`BACKGROUND_MAX_SATURATION`]), which the tests use to check the label maps against
-the drawn pixels. Mild Gaussian pixel noise is added last.
+the drawn pixels. Stripes and checks are a dark shade of the object's colour, dots a pale one. Mild Gaussian pixel
+noise is added last.
 
 Every scene comes with a caption naming the classes that are visible (at least `min_caption_pixels` pixels) in
 varied phrasing ("a photo of a frog", "a kite next to a small moon", "there is a cherry and a lemon and a tile in
@@ -70,11 +71,13 @@ __all__ = [
     "SYNTHETIC_CLASSES",
     "SYNTHETIC_TEMPLATES",
     "SYNTHETIC_UNSEEN_CLASS_IDS",
-    "SceneObject",
     "Scene",
+    "SceneObject",
     "SyntheticClass",
     "SyntheticWorld",
     "WorldConfig",
+    "benchmark_to_dict",
+    "encode_png",
     "load_synthetic_benchmark",
     "pixel_saturation",
     "synthetic_benchmark",
@@ -85,7 +88,10 @@ SYNTHETIC_BENCHMARK_NAME = "synthetic-shapes"
 SYNTHETIC_TEMPLATES = ("a photo of a {}",)
 BENCHMARK_FILE = "benchmark.json"
 
-HUES = {"red": 0.0, "yellow": 55.0, "green": 120.0, "cyan": 185.0, "blue": 235.0, "magenta": 300.0}
+HUES = {
+    "red": 0.0, "orange": 28.0, "yellow": 55.0, "green": 120.0, "cyan": 185.0, "blue": 235.0, "purple": 268.0,
+    "magenta": 300.0,
+}  # fmt: skip
 SHAPES = ("circle", "ellipse", "triangle", "square", "star", "ring", "cross", "crescent")
 TEXTURES = ("solid", "stripes", "dots", "checker")
 
@@ -137,12 +143,12 @@ SYNTHETIC_CLASSES = (
     SyntheticClass("cherry", "circle", "red", "solid"),
     SyntheticClass("lemon", "ellipse", "yellow", "solid"),
     SyntheticClass("frog", "triangle", "green", "dots"),
-    SyntheticClass("brick", "square", "red", "stripes"),
+    SyntheticClass("brick", "square", "orange", "stripes"),
     SyntheticClass("tulip", "star", "magenta", "solid"),
     SyntheticClass("button", "ring", "blue", "solid"),
     SyntheticClass("kite", "triangle", "cyan", "checker"),
     SyntheticClass("moon", "crescent", "yellow", "dots"),
-    SyntheticClass("clover", "cross", "green", "solid"),
+    SyntheticClass("clover", "cross", "purple", "solid"),
     # unseen in the zero-shot split
     SyntheticClass("melon", "circle", "green", "stripes"),
     SyntheticClass("donut", "ring", "magenta", "dots"),
@@ -278,9 +284,9 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return radius <= 1.0 - 0.55 * t
     if shape == "ring":
         r2 = u * u + v * v
-        return (r2 <= 1.0) & (r2 >= 0.5**2)
+        return (r2 <= 1.0) & (r2 >= 0.45**2)
     if shape == "cross":
-        return ((np.abs(u) <= 0.3) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 0.95))
+        return ((np.abs(u) <= 0.38) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.38) & (np.abs(u) <= 0.95))
     if shape == "crescent":
         return (u * u + v * v <= 1.0) & ((u - 0.5) ** 2 + (v + 0.1) ** 2 >= 0.85**2)
     raise ValueError(f"Unknown shape {shape!r}; expected one of {SHAPES}.")

@@ -647,6 +647,11 @@ def _probe_metrics(confusion: np.ndarray, benchmark) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _without_confusion(probe: dict) -> dict:
+    """A probe's figures without its confusion matrix (too long for a log line)."""
+    return {key: value for key, value in probe.items() if key != "confusion"}
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Train the tiny CLIP (and optionally the untrained control) and probe them; returns the probe results."""
     parser = argparse.ArgumentParser(description="Train a tiny CLIP on the synthetic world's image-caption pairs.")
@@ -669,12 +674,12 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     if namespace.probe:
         results["trained"] = patch_probe(clip, tokenizer)
-        logger.info("patch probe, trained CLIP: %s", json.dumps(results["trained"]))
+        logger.info("patch probe, trained CLIP: %s", json.dumps(_without_confusion(results["trained"])))
     if namespace.control_dir:
         save_untrained_clip(namespace.control_dir, args, tokenizer)
         if namespace.probe:
             results["control"] = patch_probe(namespace.control_dir)
-            logger.info("patch probe, control CLIP: %s", json.dumps(results["control"]))
+            logger.info("patch probe, control CLIP: %s", json.dumps(_without_confusion(results["control"])))
     return results
 
 

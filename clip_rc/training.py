@@ -314,6 +314,11 @@ class TrainingArguments:
     )
     tracker_project_name: str = field(default="clip-rc", metadata={"help": "Run name of the trackers."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per process."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute the activations of the image tower's and the decoder's layers in the backward "
+                  "pass instead of keeping them: less memory, about one more forward pass of time, same results."},
+    )
     ddp_find_unused_parameters: bool = field(
         default=False,
         metadata={"help": "DDP find_unused_parameters. Not needed: every trainable parameter gets a gradient in "
@@ -1021,6 +1026,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---- model, data ----
     set_seed(training_args.seed)
     model, tokenizer = build_model(model_args)
+    if training_args.gradient_checkpointing:
+        # `gradient_checkpointing_enable` became `activation_checkpointing_enable` during transformers 5.x.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     config = model.config
     plan = _resolve_plan(model_args, training_args, config, accelerator.num_processes)
     eval_shortest_edge = data_args.eval_shortest_edge or config.crop_size

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 
-__all__ = ["json_ready", "launched_without_accelerator", "setup_logging", "write_json_atomic"]
+__all__ = ["json_ready", "launched_without_accelerator", "setup_logging", "write_json_atomic", "write_text_atomic"]
 
 
 def json_ready(value: Any) -> Any:
@@ -36,16 +36,15 @@ def json_ready(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write `data` as JSON to `path` through a temporary file in the same folder and `os.replace`, so that the file
-    is either the old one or the complete new one, never a partial write."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temporary file in the same folder and `os.replace`, so that the file is
+    either the old one or the complete new one, never a partial write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(json_ready(data), handle, indent=2, allow_nan=False)
-            handle.write("\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         # mkstemp creates the file readable by its owner only; give it the permissions of a normally created file.
@@ -58,6 +57,11 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
             os.unlink(temporary)
         raise
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Write `data` as JSON (see [`json_ready`]) to `path` atomically (see [`write_text_atomic`])."""
+    return write_text_atomic(path, json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n")
 
 
 def launched_without_accelerator() -> bool:

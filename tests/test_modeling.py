@@ -321,16 +321,27 @@ def test_bf16_autocast_runs_close_to_fp32(model):
     assert (low_precision.float() - reference).abs().max() < 5e-2
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_compiled_inference_equals_eager(model):
+    """`torch.compile` of the image tower and the head (in place, as `clip-rc-benchmark --compile` does) serves the
+    sliding-window path with the eager scores."""
+    model.eval()
+    pixel_values = torch.randn(1, 3, 64, 96)
+    expected = model.sliding_window_scores(pixel_values)
+    model.vision_model.compile()
+    model.decode_head.compile()
+    torch.testing.assert_close(model.sliding_window_scores(pixel_values), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_training_step_runs_close_to_fp32():
+    model = tiny_model(without_dropout())
     pixel_values, labels = random_batch()
-    plain = tiny_model(without_dropout())
-    checkpointed = tiny_model(without_dropout())
-    checkpointed.activation_checkpointing_enable()
-    plain(pixel_values, labels=labels).loss.backward()
-    checkpointed(pixel_values, labels=labels).loss.backward()
-    torch.testing.assert_close(
-        plain.vision_model.deep_prompt_embeddings.grad, checkpointed.vision_model.deep_prompt_embeddings.grad
-    )
+    reference = model(pixel_values, labels=labels).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low_precision = model(pixel_values, labels=labels).loss
+    assert low_precision.dtype == torch.float32  # the losses are computed in fp32 on upsampled fp32 logits
+    low_precision.backward()
+    assert model.vision_model.deep_prompt_embeddings.grad.isfinite().all()
+    assert abs(low_precision.item() - reference.item()) < 2e-2 * reference.item()
 
 
 def test_other_resolutions_interpolate_positions(model):
@@ -568,3 +579,81 @@ def test_from_clip_takes_config_fields_checked_against_the_clip():
     assert model.config.vision_config.patch_size == 8 and model.config.num_region_tokens == 16
     with pytest.raises(ValueError, match="region_grid_size"):
         CLIPRCForSemanticSegmentation.from_clip(tiny_clip(), {**fields, "region_grid_size": 3})
+
+
+def _loss_gradients_and_saved_bytes(model, pixel_values, labels):
+    """Loss terms, parameter gradients and the bytes autograd keeps for the backward pass of one training step
+    (dropout masks drawn from seed 0)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    saved_bytes = 0
+
+    def pack(tensor):
+        nonlocal saved_bytes
+        saved_bytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = model(pixel_values, labels=labels)
+    output.loss.backward()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return output.loss_dict, gradients, saved_bytes
+
+
+def _assert_same_step(losses, gradients, expected_losses, expected_gradients):
+    for name in expected_losses:
+        torch.testing.assert_close(losses[name], expected_losses[name], rtol=1e-5, atol=1e-6)
+    assert gradients.keys() == expected_gradients.keys() and "decode_head.q_proj.weight" in gradients
+    for name in expected_gradients:
+        torch.testing.assert_close(gradients[name], expected_gradients[name], rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_keeps_the_results_and_saves_memory():
+    """Checkpointing the image tower's and the decoder's layers replays the same dropout masks: same losses and
+    gradients, and only the layers' inputs are kept for the backward pass."""
+    from clip_rc.modeling_clip_rc import CLIPRCDecoderLayer
+
+    model = tiny_model(tiny_config())
+    assert model.config.decoder_attention_dropout > 0 and model.config.prompt_dropout > 0
+    torch.manual_seed(1)
+    pixel_values, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64))
+    expected_losses, expected_gradients, kept_bytes = _loss_gradients_and_saved_bytes(model, pixel_values, labels)
+    model.activation_checkpointing_enable()
+    decoder_layers = [module for module in model.modules() if isinstance(module, CLIPRCDecoderLayer)]
+    assert len(decoder_layers) == 2 * model.config.decoder_num_layers + 2  # decoder stacks and recovery pair
+    assert all(layer.gradient_checkpointing for layer in [*model.vision_model.encoder.layers, *decoder_layers])
+    losses, gradients, checkpointed_bytes = _loss_gradients_and_saved_bytes(model, pixel_values, labels)
+    _assert_same_step(losses, gradients, expected_losses, expected_gradients)
+    # Each decoder layer no longer keeps its (batch, heads, queries, pixels) attention map (a query per region and
+    # head class), nor each image-tower layer its 4x-wide MLP activations.
+    num_queries = model.config.num_region_tokens * len(model.config.resolved_seen_class_ids)
+    attention_map_bytes = 2 * model.config.decoder_num_attention_heads * num_queries * 64 * 4
+    tokens = 1 + model.config.num_prompt_tokens + 64 + model.config.num_region_tokens
+    mlp_bytes = 2 * tokens * TINY_VISION["intermediate_size"] * 4
+    assert kept_bytes - checkpointed_bytes > len(decoder_layers) * attention_map_bytes + 2 * mlp_bytes
+    assert checkpointed_bytes < 0.5 * kept_bytes
+
+
+@pytest.mark.parametrize("setting", ["inductive", "transductive"])
+def test_class_chunked_loss_equals_the_loss_over_all_classes(monkeypatch, setting):
+    """With a chunk budget of two classes, the loss is computed chunk by chunk (recomputed in the backward pass);
+    losses and gradients equal the one-chunk computation, and far fewer activations are kept for the backward."""
+    from clip_rc import modeling_clip_rc
+
+    config = without_dropout(id2label={i: f"class {i}" for i in range(7)}, seen_class_ids=[0, 1, 2, 3, 5], setting=setting)
+    model = tiny_model(config)
+    torch.manual_seed(1)
+    pixel_values = torch.randn(2, 3, 64, 64)
+    labels = torch.randint(0, 7, (2, 64, 64))
+    labels[:, :5] = 255
+
+    def run(elements_per_chunk):
+        monkeypatch.setattr(modeling_clip_rc, "LOSS_ELEMENTS_PER_CHUNK", elements_per_chunk)
+        return _loss_gradients_and_saved_bytes(model, pixel_values, labels)
+
+    whole_losses, whole_gradients, whole_saved = run(2**30)
+    chunked_losses, chunked_gradients, chunked_saved = run(2 * 2 * 64 * 64)
+    _assert_same_step(chunked_losses, chunked_gradients, whole_losses, whole_gradients)
+    # Every class's full-resolution logits and loss terms (2 x C x 64 x 64 floats each) are no longer kept.
+    num_head_classes = 5 if setting == "inductive" else 7
+    assert whole_saved - chunked_saved > 4 * (2 * num_head_classes * 64 * 64 * 4)

@@ -357,6 +357,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_clip_dir, datase
 
 
 def test_loss_falls_and_logged_learning_rates_follow_the_schedule(tiny_clip_dir, dataset_dir, tmp_path, monkeypatch):
+    """(With the image tower's activations recomputed in the backward pass: `--gradient_checkpointing`.)"""
     steps, warmup = 30, 3
     encode_text = clip_rc.CLIPRCForSemanticSegmentation.encode_text
     text_encodings = []
@@ -368,7 +369,8 @@ def test_loss_falls_and_logged_learning_rates_follow_the_schedule(tiny_clip_dir,
     monkeypatch.setattr(clip_rc.CLIPRCForSemanticSegmentation, "encode_text", counting_encode_text)
     result = training.main(run_args(
         tiny_clip_dir, dataset_dir, tmp_path / "run", "--max_steps", str(steps), "--learning_rate", "1e-4",
-        "--warmup_steps", str(warmup), "--lr_decay_steps", str(steps), "--seed", "1", batch_size=3))
+        "--warmup_steps", str(warmup), "--lr_decay_steps", str(steps), "--seed", "1", "--gradient_checkpointing",
+        "True", batch_size=3))
     train_logs = [entry for entry in result["log_history"] if "train/loss" in entry]
     assert [entry["step"] for entry in train_logs] == list(range(1, steps + 1))
     for entry in train_logs:  # the lr used by update s is mmcv's lr at iteration s - 1
