@@ -26,7 +26,7 @@ from .modeling_clip_rc import CLIPRCForSemanticSegmentation
 from .utils import write_json_atomic
 
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger("clip_rc.flops")  # also when run as __main__
 
 __all__ = ["count_parameters", "count_flops", "flop_report", "format_report", "main_flops"]
 

@@ -66,7 +66,7 @@ from .data import REFERENCE_IMAGE_MEAN, REFERENCE_IMAGE_STD
 from .synthetic import SYNTHETIC_TEMPLATES, SyntheticWorld, WorldConfig, synthetic_benchmark
 
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("clip_rc.tiny_clip")  # also when run as __main__
 
 __all__ = [
     "TinyCLIPArguments",

@@ -82,7 +82,7 @@ from .processing_clip_rc import CLIPRCImageProcessor, CLIPRCProcessor
 from .utils import launched_without_accelerator, setup_logging, write_json_atomic
 
 
-logger = get_logger(__name__)
+logger = get_logger("clip_rc.training")  # also when run as __main__ (python -m clip_rc.training)
 
 __all__ = [
     "DataArguments",
@@ -1178,8 +1178,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log_metrics({f"eval/{key}": value for key, value in last_metrics.items()}, step)
 
     progress = tqdm(
-        total=plan.max_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
+        total=plan.max_steps, initial=global_step, desc="training", dynamic_ncols=True,
+        # Main process: tqdm's own rule (no bar when stderr is not a terminal, e.g. a log file; the losses are logged).
+        disable=None if accelerator.is_local_main_process else True,
     )
     model.train()
     data_iterator = iter(train_loader) if global_step < plan.max_steps else None

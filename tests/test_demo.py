@@ -2,6 +2,7 @@
 evaluation, overlays and the seen / unseen / hIoU table (about two minutes on 2 CPU cores)."""
 
 import json
+import re
 
 from clip_rc.demo import format_demo_table, main, parse_demo_table
 
@@ -25,6 +26,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     ):  # fmt: skip
         assert (output_dir / path).is_file(), path
     assert len(list((output_dir / "predictions").glob("*_overlay.png"))) >= 1
+    # the training script's own log lines reach the run's log (it runs as `python -m clip_rc.training`)
+    train_log = (output_dir / "caption-clip" / "train.log").read_text()
+    assert re.search(r"INFO clip_rc\.training: (\[RANK 0\] )?step 100: loss=", train_log)
 
     printed = capsys.readouterr().out
     table = parse_demo_table(printed)
