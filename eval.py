@@ -1,7 +1,9 @@
 """Evaluate a CLIP-RC model: `python eval.py --help`, or `accelerate launch --num_processes N eval.py ...`."""
 
+import sys
+
 from clip_rc.evaluation import main
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,6 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .configuration_clip_rc import CLIPRCConfig
+from .image_processing_clip_rc import CLIPRCImageProcessor
 from .modeling_clip_rc import CLIPRCForSemanticSegmentation
 from .utils import setup_logging, write_json_atomic
 
@@ -97,6 +98,7 @@ def run_case(
     torch.manual_seed(0)
     device = torch.device(device)
     model = build_model(preset, num_classes, tiny).to(device)
+    image_processor = CLIPRCImageProcessor.from_model_config(model.config)
     crop = model.config.crop_size
     pixel_values = torch.randn(batch_size, 3, crop, crop, device=device)
     labels = torch.randint(0, num_classes, (batch_size, crop, crop), device=device)
@@ -107,7 +109,7 @@ def run_case(
         model.activation_checkpointing_enable()
     if compiled:
         # In place, so that the label-map path below runs the compiled image tower and head.
-        model.vision_model.compile()
+        model.clip_rc.vision_model.compile()
         model.decode_head.compile()
 
     def step():
@@ -116,7 +118,7 @@ def run_case(
                 loss = model(pixel_values, labels=labels).loss
             else:
                 # What inference delivers: the crop's label map (calibrated sigmoid scores, arg-max over classes).
-                model.sliding_window_labels(pixel_values)
+                image_processor.post_process_semantic_segmentation(model(pixel_values=pixel_values))
         if training:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

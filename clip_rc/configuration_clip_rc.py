@@ -1,5 +1,7 @@
 """CLIP-RC model configuration."""
 
+import copy
+
 from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.utils import logging
 
@@ -24,6 +26,19 @@ PRESETS = tuple(f"{benchmark}-{setting}" for benchmark, setting in _PRESET_RECIP
 # The reference subtracts 0.1 from the scores of the classes its head was trained on, except in the
 # transductive stage, which trains on every class and calibrates nothing.
 _SEEN_SCORE_BIAS = {"inductive": 0.1, "transductive": 0.0, "fully": 0.1}
+
+# The pipelines every saved folder declares; their module (`pipelines.py`) is saved beside the weights, so that
+# `pipeline(task, model=folder, trust_remote_code=True)` serves them in a process that never imported `clip_rc`.
+CUSTOM_PIPELINES = {
+    "image-segmentation": {
+        "impl": "pipelines.CLIPRCSegmentationPipeline", "pt": ["AutoModelForSemanticSegmentation"], "type": "image"
+    },
+    "zero-shot-image-segmentation": {
+        "impl": "pipelines.CLIPRCZeroShotSegmentationPipeline",
+        "pt": ["AutoModelForSemanticSegmentation"],
+        "type": "multimodal",
+    },
+}
 
 # OpenAI's ViT-B/16 image tower, the backbone of every reference recipe.
 _VIT_B_16 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -145,6 +160,8 @@ class CLIPRCConfig(PreTrainedConfig):
         if self.label2id is None or len(self.label2id) != len(self.id2label):
             self.label2id = {name: index for index, name in self.id2label.items()}
         self.prompt_templates = list(self.prompt_templates)
+        if not getattr(self, "custom_pipelines", None):
+            self.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
         if self.seen_class_ids is not None:
             self.seen_class_ids = [int(class_id) for class_id in self.seen_class_ids]
         self._validate()

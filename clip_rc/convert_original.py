@@ -10,7 +10,8 @@ OpenAI's CLIP checkpoints and this library.
   to start training with `CLIPRCForSemanticSegmentation.from_clip(load_openai_clip(path), config)`.
 - [`main`]: the `clip-rc-convert` command line (also `python -m clip_rc.convert_original`).
 
-Name mapping (reference -> library), `{i}` a layer index:
+Name mapping (reference -> library), `{i}` a layer index; the towers' library names are those of the base model
+(`clip_rc.` in front of them in `CLIPRCForSemanticSegmentation`, none in a Hub `CLIPModel`):
 
 | reference | library |
 |---|---|
@@ -56,7 +57,9 @@ from transformers import CLIPConfig, CLIPModel
 from transformers.utils import logging
 
 from .configuration_clip_rc import PRESETS, CLIPRCConfig
-from .modeling_clip_rc import CLIPRCForSemanticSegmentation, tokenize_class_prompts
+from .image_processing_clip_rc import CLIPRCImageProcessor
+from .modeling_clip_rc import CLIPRCForSemanticSegmentation
+from .processing_clip_rc import CLIPRCProcessor
 
 
 logger = logging.get_logger(f"{__package__ or 'clip_rc'}.convert_original")  # also when run as __main__
@@ -183,19 +186,21 @@ def _foreign_slot(name: str, layout: Layout) -> _Slot | None:
     """The foreign name of a library tensor, `None` for tensors the foreign layout does not store."""
     if name in _LIBRARY_ONLY:
         return None
-    if name == "visual_projection.weight":
+    # CLIP-RC holds CLIP's towers in its base model; a Hub `CLIPModel` holds them at the top.
+    tower_name = name.removeprefix("clip_rc.")
+    if tower_name == "visual_projection.weight":
         return _Slot(name, layout.vision + "proj", TRANSPOSE)
-    if name == "text_projection.weight":
+    if tower_name == "text_projection.weight":
         return _Slot(name, layout.text + "text_projection", TRANSPOSE)
-    if name == "logit_scale":
+    if tower_name == "logit_scale":
         return _Slot(name, "logit_scale", COPY)
     for library_prefix, foreign_prefix, rules in (
         ("vision_model.", layout.vision, _VISION_RULES),
         ("text_model.", layout.text, _TEXT_RULES),
         ("decode_head.", layout.head, _HEAD_RULES),
     ):
-        if name.startswith(library_prefix):
-            matched = _match(rules, name[len(library_prefix) :])
+        if tower_name.startswith(library_prefix):
+            matched = _match(rules, tower_name[len(library_prefix) :])
             if matched is not None:
                 foreign_name, kind, part = matched
                 return _Slot(name, foreign_prefix + foreign_name, kind, part)
@@ -673,8 +678,9 @@ def _convert_original(
             )
         summary.class_embeddings = "from the given embeddings"
     elif tokenizer is not None:
-        prompts = tokenize_class_prompts(tokenizer, config.class_names, config.prompt_templates)
-        model.set_class_embeddings(model.encode_text(**prompts))
+        processor = CLIPRCProcessor(CLIPRCImageProcessor.from_model_config(config), tokenizer)
+        prompts = processor(text=config.class_names, templates=config.prompt_templates, return_tensors="pt")
+        model.set_class_embeddings(model.clip_rc.encode_class_prompts(prompts["input_ids"], prompts["attention_mask"]))
         summary.class_embeddings = (
             f"computed with the converted text tower ({config.num_labels} classes x "
             f"{len(config.prompt_templates)} templates)"
@@ -821,7 +827,7 @@ def load_openai_clip(
 
     The architecture is read from the tensors as OpenAI's `build_model` does; head counts are width / 64 (OpenAI's
     rule) unless given. Start CLIP-RC training from it with
-    `CLIPRCForSemanticSegmentation.from_clip(load_openai_clip("ViT-B-16.pt"), config, tokenizer=tokenizer)`.
+    `CLIPRCForSemanticSegmentation.from_clip(load_openai_clip("ViT-B-16.pt"), config, processor=processor)`.
     """
     state, origin = _read_openai_state(path_or_state_dict)
     state = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in state.items()}
@@ -903,27 +909,16 @@ def atomic_output_dir(target: str | os.PathLike):
 
 
 def save_converted(model: CLIPRCForSemanticSegmentation, output_dir, tokenizer=None) -> Path:
-    """Write `model` (safetensors, config, code for trust_remote_code) and the processor or tokenizer, atomically."""
+    """Write `model` (safetensors, config, code for trust_remote_code) and its processor (the image processor of its
+    config, with the tokenizer when given), atomically."""
+    image_processor = CLIPRCImageProcessor.from_model_config(model.config)
     with atomic_output_dir(output_dir) as folder:
         model.save_pretrained(folder)
-        if tokenizer is not None:
-            _save_processor(folder, tokenizer)
+        if tokenizer is None:
+            image_processor.save_pretrained(folder)
+        else:
+            CLIPRCProcessor(image_processor, tokenizer, templates=model.config.prompt_templates).save_pretrained(folder)
     return Path(output_dir)
-
-
-def _save_processor(folder: Path, tokenizer) -> None:
-    try:
-        processing = importlib.import_module(f"{__package__}.processing_clip_rc")
-        processor = processing.CLIPRCProcessor(image_processor=processing.CLIPRCImageProcessor(), tokenizer=tokenizer)
-    except (ImportError, AttributeError) as error:
-        logger.info("No CLIPRCProcessor available (%s): saving the tokenizer alone.", error)
-        tokenizer.save_pretrained(folder)
-        return
-    except (TypeError, ValueError) as error:
-        logger.warning("Could not build a CLIPRCProcessor with this tokenizer (%s): saving the tokenizer alone.", error)
-        tokenizer.save_pretrained(folder)
-        return
-    processor.save_pretrained(folder)
 
 
 # ---- command line --------------------------------------------------------------------------------------------------

@@ -38,8 +38,8 @@ Transforms
 ----------
 [`SegmentationTrainTransform`] is the reference training pipeline (mmsegmentation 0.x semantics: `Resize` with
 `img_scale=(2048, 512)` and `ratio_range=(0.5, 2.0)`, `RandomCrop(512, cat_max_ratio=0.75)`, `RandomFlip(0.5)`,
-`PhotoMetricDistortion`, `Normalize`, `Pad(512)`); [`SegmentationEvalTransform`] is the reference test-time resize
-(short side 512, aspect ratio kept) and normalisation. Both take a batch dict (`image`, `label` lists) and return
+`PhotoMetricDistortion`, `Normalize`, `Pad(512)`); the test-time resize, normalisation and sliding windows are the
+image processor's (`CLIPRCImageProcessor`). The transform takes a batch dict (`image`, `label` lists) and returns
 `pixel_values` float tensors `(3, H, W)` and `labels` long tensors `(H, W)`; [`collate_fn`] batches them for a
 `torch.utils.data.DataLoader`. Resizing uses `torch.nn.functional.interpolate` without antialiasing (bilinear with
 half-pixel centres for images, nearest for labels), which is what OpenCV's `INTER_LINEAR` / `INTER_NEAREST` used by
@@ -60,7 +60,7 @@ import torch
 from transformers.utils import logging
 
 from .benchmarks import Benchmark, get_benchmark
-from .processing_clip_rc import get_rescaled_size, resize_image_array, resize_label_array
+from .image_processing_clip_rc import get_rescaled_size, resize_image_array, resize_label_array
 
 
 logger = logging.get_logger(__name__)
@@ -70,7 +70,6 @@ __all__ = [
     "REFERENCE_IMAGE_MEAN",
     "REFERENCE_IMAGE_STD",
     "SegmentationDecoder",
-    "SegmentationEvalTransform",
     "SegmentationTrainTransform",
     "collate_fn",
     "coco_stuff_train_id_lut",
@@ -290,7 +289,7 @@ def with_segmentation_transform(
         dataset (`datasets.Dataset` or `datasets.DatasetDict`):
             A dataset from [`load_segmentation_dataset`] (or any dataset with `image` / `label` columns).
         transform (`Callable[[dict], dict]`):
-            A batch transform, e.g. [`SegmentationTrainTransform`] or [`SegmentationEvalTransform`].
+            A batch transform, e.g. [`SegmentationTrainTransform`].
 
     Returns:
         A new dataset (dict) of the same type whose items are `transform(decoder(batch))`.
@@ -902,56 +901,6 @@ class SegmentationTrainTransform:
             sample_pixels, sample_labels = self.augment(image, label, rng)
             pixel_values.append(sample_pixels)
             labels.append(sample_labels)
-        return {"pixel_values": pixel_values, "labels": labels}
-
-
-class SegmentationEvalTransform:
-    """
-    The reference test-time preprocessing, as a batch transform for `datasets` (see [`with_segmentation_transform`]).
-
-    Rescales the image keeping its aspect ratio so that its short side is `shortest_edge` (the reference's
-    `Resize(keep_ratio=True, min_size=512)` at scale (2048, 512), which always gives a short side of 512; pass
-    `longest_edge=2048` for the plain mmsegmentation rule that also caps the long side), bilinear, then normalises.
-    The label map keeps its original size, since predictions are resized back to it before scoring.
-
-    Args:
-        shortest_edge (`int`, *optional*, defaults to 512):
-            Short side of the resized image.
-        longest_edge (`int`, *optional*):
-            If set, the long side is capped at this size (the short side may then be smaller).
-        image_mean (`tuple[float, float, float]`, *optional*, defaults to `REFERENCE_IMAGE_MEAN`):
-            Per-channel mean on the 0-255 scale.
-        image_std (`tuple[float, float, float]`, *optional*, defaults to `REFERENCE_IMAGE_STD`):
-            Per-channel standard deviation on the 0-255 scale.
-    """
-
-    def __init__(
-        self,
-        shortest_edge: int = 512,
-        longest_edge: int | None = None,
-        image_mean: Sequence[float] = REFERENCE_IMAGE_MEAN,
-        image_std: Sequence[float] = REFERENCE_IMAGE_STD,
-    ):
-        self.shortest_edge = shortest_edge
-        self.longest_edge = longest_edge
-        self.image_mean = tuple(image_mean)
-        self.image_std = tuple(image_std)
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list[torch.Tensor]]:
-        """
-        Args:
-            batch (`dict[str, list]`): `image` and `label` lists (decoded samples).
-
-        Returns:
-            `dict[str, list[torch.Tensor]]`: `pixel_values` (each `(3, h, w)` float32, resized) and `labels` (each
-            `(H, W)` int64 at the original size).
-        """
-        pixel_values, labels = [], []
-        for image, label in zip(batch["image"], batch["label"]):
-            image, label = _as_arrays(image, label)
-            new_size = get_rescaled_size(*label.shape, self.shortest_edge, self.longest_edge)
-            pixel_values.append(_normalize(resize_image_array(image, new_size), self.image_mean, self.image_std))
-            labels.append(torch.from_numpy(label.astype(np.int64)))
         return {"pixel_values": pixel_values, "labels": labels}
 
 

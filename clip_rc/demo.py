@@ -107,7 +107,9 @@ def build_clip_rc_start(clip_dir: str | os.PathLike, output_dir: str | os.PathLi
     from transformers import AutoTokenizer, CLIPConfig
 
     from .configuration_clip_rc import CLIPRCConfig
+    from .image_processing_clip_rc import CLIPRCImageProcessor
     from .modeling_clip_rc import CLIPRCForSemanticSegmentation
+    from .processing_clip_rc import CLIPRCProcessor
 
     benchmark = load_synthetic_benchmark()
     clip_config = CLIPConfig.from_pretrained(clip_dir)
@@ -133,12 +135,15 @@ def build_clip_rc_start(clip_dir: str | os.PathLike, output_dir: str | os.PathLi
         dice_loss_weight=1.0,
         recovery_loss_weight=2.0,
     )
-    tokenizer = AutoTokenizer.from_pretrained(clip_dir)
+    processor = CLIPRCProcessor(
+        CLIPRCImageProcessor.from_model_config(config), AutoTokenizer.from_pretrained(clip_dir),
+        templates=config.prompt_templates,
+    )  # fmt: skip
     torch.manual_seed(recipe.clip.seed)
-    model = CLIPRCForSemanticSegmentation.from_clip(str(clip_dir), config, tokenizer=tokenizer)
+    model = CLIPRCForSemanticSegmentation.from_clip(str(clip_dir), config, processor=processor)
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
     return output_dir
 
 
@@ -194,10 +199,11 @@ def _wait(processes: dict[str, tuple[subprocess.Popen, Path]]):
 def _evaluate(model_dir: Path, data_dir: Path, output_dir: Path) -> dict:
     from . import evaluation
 
-    return evaluation.main(
-        ["--model", str(model_dir), "--dataset", str(data_dir), "--split", "validation", "--output_dir",
-         str(output_dir), "--batch_size", "8", "--no_progress"]
-    )  # fmt: skip
+    argv = ["--model", str(model_dir), "--dataset", str(data_dir), "--split", "validation", "--output_dir",
+            str(output_dir), "--batch_size", "8", "--no_progress"]  # fmt: skip
+    if evaluation.main(argv) != 0:
+        raise RuntimeError(f"Evaluating {model_dir} failed (see the log above).")
+    return json.loads((output_dir / "metrics.json").read_text())
 
 
 def _figures(metrics: dict) -> dict[str, float]:
@@ -332,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
     from . import predict
 
     images = _save_sample_images(data_dir, output_dir / "samples", recipe.num_overlays)
-    predict.main(images + ["--model", str(output_dir / "caption-clip" / "model"), "--output_dir", str(output_dir / "predictions")])
+    if predict.main(images + ["--model", str(output_dir / "caption-clip" / "model"), "--output_dir", str(output_dir / "predictions")]) != 0:
+        raise RuntimeError("Writing the overlays failed (see the log above).")
     mark = lap("overlays", mark)
 
     table = format_demo_table(rows)

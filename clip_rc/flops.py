@@ -44,9 +44,11 @@ def count_parameters(model: CLIPRCForSemanticSegmentation) -> dict[str, dict[str
     recovery branch, which `head_recovery` counts alone."""
     return {
         "vision": _parameter_counts(
-            [*model.vision_model.parameters(), *model.visual_projection.parameters()]
+            [*model.clip_rc.vision_model.parameters(), *model.clip_rc.visual_projection.parameters()]
         ),
-        "text": _parameter_counts([*model.text_model.parameters(), *model.text_projection.parameters()]),
+        "text": _parameter_counts(
+            [*model.clip_rc.text_model.parameters(), *model.clip_rc.text_projection.parameters()]
+        ),
         "head": _parameter_counts(model.decode_head.parameters()),
         "head_recovery": _parameter_counts(model.decode_head.recovery.parameters()),
         "total": _parameter_counts(model.parameters()),
@@ -99,7 +101,7 @@ def count_flops(
     features = {}
 
     def vision():
-        features["image"] = model.get_image_features(pixel_values)
+        features["image"] = model.clip_rc(pixel_values)
 
     vision_flops = _flops(vision)
     head_flops = _flops(lambda: model.decode_head(features["image"], text_embeds))
@@ -110,7 +112,7 @@ def count_flops(
     eos = config.text_config.eos_token_id
     if device.type != "meta" and eos is not None:
         input_ids[0, -1] = eos
-    text_flops = _flops(lambda: model.text_projection(model.text_model(input_ids=input_ids).pooler_output))
+    text_flops = _flops(lambda: model.clip_rc.get_text_features(input_ids))
     num_prompts = num_classes * len(config.prompt_templates)
     return {
         "vision": vision_flops,

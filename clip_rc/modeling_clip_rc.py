@@ -1,6 +1,7 @@
 """PyTorch CLIP-RC: CLIP with deep visual prompts, a Region-Level Bridge and a region-alignment decoder."""
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,10 +11,21 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ModelOutput
-from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPTextModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.clip.modeling_clip import (
+    CLIPAttention,
+    CLIPEncoder,
+    CLIPEncoderLayer,
+    CLIPTextModel,
+    eager_attention_forward,
+)
+from transformers.processing_utils import Unpack
 from transformers.utils import logging
+from transformers.utils.generic import TransformersKwargs, can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_clip_rc import CLIPRCConfig
 
@@ -22,23 +34,36 @@ logger = logging.get_logger(__name__)
 
 
 @dataclass
-class CLIPRCImageFeatures(ModelOutput):
+class CLIPRCModelOutput(ModelOutput):
     """
-    L2-normalised image features of the prompted CLIP image tower, in the joint embedding space (width E).
+    Output of [`CLIPRCModel`].
 
     Args:
-        global_embeds (`torch.FloatTensor` of shape `(batch_size, E)`): the class token.
-        patch_embeds (`torch.FloatTensor` of shape `(batch_size, E, height, width)`): one token per patch.
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + P + N + R, hidden_size)`):
+            The image tower's tokens `[class, prompts, patches, regions]` after the prompt norm (all but the region
+            tokens) and `post_layernorm`.
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, E)`):
+            The image's global embedding: the projected class token, L2-normalised.
+        patch_embeds (`torch.FloatTensor` of shape `(batch_size, E, height / patch_size, width / patch_size)`):
+            One projected, L2-normalised embedding per patch.
         region_embeds (`torch.FloatTensor` of shape `(batch_size, E, region_grid_size, region_grid_size)`):
-            the region tokens of the Region-Level Bridge, one per grid cell, row-major.
-        attentions (`tuple(torch.FloatTensor)`, *optional*): per layer, the attention probabilities of shape
-            `(batch_size, num_heads, sequence_length, sequence_length)` over the sequence
-            `[class, prompts, patches, regions]`; only with `output_attentions=True` and eager attention.
+            The projected, L2-normalised region tokens of the Region-Level Bridge, one per grid cell, row-major.
+        text_embeds (`torch.FloatTensor` of shape `(num_classes, E)`, *optional*):
+            L2-normalised class embeddings of the given `input_ids` (see [`CLIPRCModel.encode_class_prompts`]).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            The image tower's input to its first layer and the output of every layer, each of shape
+            `(batch_size, 1 + P + N + R, hidden_size)`; with `output_hidden_states=True`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            Per image-tower layer, the attention probabilities `(batch_size, num_heads, 1 + P + N + R, 1 + P + N + R)`;
+            with `output_attentions=True` and eager attention.
     """
 
-    global_embeds: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
     patch_embeds: torch.FloatTensor | None = None
     region_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -51,21 +76,38 @@ class CLIPRCSemanticSegmenterOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`, *optional*): the weighted sum of `loss_dict`, when labels are given.
         loss_dict (`dict[str, torch.FloatTensor]`, *optional*): the weighted terms `loss_focal`, `loss_dice`,
             `loss_recovery_query` and `loss_recovery_pixel`.
-        logits (`torch.FloatTensor` of shape `(batch_size, num_classes, height / patch_size, width / patch_size)`):
-            raw (pre-sigmoid) mask logits of the classes given to the head, at the patch-grid resolution. Bilinear
-            upsampling (align_corners=False) to the input size gives the reference's `pred_masks`.
+        logits (`torch.FloatTensor` of shape `(num_crops, num_classes, height / patch_size, width / patch_size)`):
+            Raw (pre-sigmoid) mask logits of every input crop (an image, or one sliding window of an image cut by
+            [`CLIPRCImageProcessor`]) for the classes given to the head, at the patch-grid resolution. Bilinear
+            upsampling (align_corners=False) to the crop size gives the reference's `pred_masks`.
         class_ids (`torch.LongTensor` of shape `(num_classes,)`, *optional*): for each channel of `logits`, its id in
-            the config's class list; set when the head saw the config's classes (with the persisted class
-            embeddings, or with labels).
-        attentions (`tuple(torch.FloatTensor)`, *optional*): the image tower's attention probabilities, see
-            [`CLIPRCImageFeatures`].
+            the config's class list; set when the head saw the config's classes (the persisted class embeddings, or
+            labels).
+        score_offsets (`torch.FloatTensor` of shape `(num_classes,)`): subtracted from the sigmoid scores of each
+            channel before the arg-max (the reference's calibration of the classes the head was trained on; zeros for
+            classes given at run time).
+        image_sizes (`torch.LongTensor` of shape `(num_images, 2)`): the `(height, width)` of each image the crops
+            were cut from (each input crop is its own image when the processor cut no windows); what
+            [`~CLIPRCImageProcessor.post_process_semantic_segmentation`] reassembles.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*), attentions (`tuple(torch.FloatTensor)`, *optional*):
+            The image tower's, see [`CLIPRCModelOutput`].
     """
 
     loss: torch.FloatTensor | None = None
     loss_dict: dict[str, torch.FloatTensor] | None = None
     logits: torch.FloatTensor | None = None
     class_ids: torch.LongTensor | None = None
+    score_offsets: torch.FloatTensor | None = None
+    image_sizes: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _reject_unknown_kwargs(kwargs: dict, method: str):
+    """A misspelled keyword would otherwise flow silently into the layers."""
+    unknown = sorted(set(kwargs) - set(TransformersKwargs.__annotations__))
+    if unknown:
+        raise TypeError(f"{method}() got unexpected keyword arguments {unknown}.")
 
 
 def build_region_attention_mask(
@@ -76,29 +118,31 @@ def build_region_attention_mask(
 
     Class, prompt and patch tokens see each other freely and see no region token, except that each patch sees the
     region token of its own cell (the patch grid cut into `region_grid_size`² equal cells). A region token sees the
-    patches of its cell and itself only.
+    patches of its cell and itself only. Built from per-token cell ids with broadcasting, so that it traces with
+    symbolic grid sizes (`torch.export`).
 
     Returns:
         `torch.BoolTensor` of shape `(sequence_length, sequence_length)`, `True` where the query (row) may attend to
         the key (column).
     """
-    num_patches = grid_height * grid_width
-    num_regions = region_grid_size**2
-    first_patch = 1 + num_prompt_tokens
-    first_region = first_patch + num_patches
-    sequence_length = first_region + num_regions
-
     rows = torch.arange(grid_height, device=device) // (grid_height // region_grid_size)
     cols = torch.arange(grid_width, device=device) // (grid_width // region_grid_size)
-    patch_cell = (rows[:, None] * region_grid_size + cols[None, :]).flatten()
-    patch_in_region = patch_cell[None, :] == torch.arange(num_regions, device=device)[:, None]
-
-    allowed = torch.zeros(sequence_length, sequence_length, dtype=torch.bool, device=device)
-    allowed[:first_region, :first_region] = True
-    allowed[first_region:, first_patch:first_region] = patch_in_region
-    allowed[first_patch:first_region, first_region:] = patch_in_region.T
-    allowed[first_region:, first_region:] = torch.eye(num_regions, dtype=torch.bool, device=device)
-    return allowed
+    patch_cells = (rows[:, None] * region_grid_size + cols[None, :]).flatten()
+    num_regions = region_grid_size**2
+    # Cell of every token: -1 for the class and prompt tokens, which belong to no cell.
+    cells = torch.cat(
+        [
+            torch.full((1 + num_prompt_tokens,), -1, dtype=torch.long, device=device),
+            patch_cells,
+            torch.arange(num_regions, device=device),
+        ]
+    )
+    is_region = torch.zeros_like(cells, dtype=torch.bool)
+    is_region[-num_regions:] = True
+    same_cell = (cells[:, None] == cells[None, :]) & (cells[:, None] >= 0)
+    both_outside_regions = ~is_region[:, None] & ~is_region[None, :]
+    # Region rows / columns: only the same cell; two region tokens share a cell only with themselves.
+    return both_outside_regions | (same_cell & (is_region[:, None] | is_region[None, :]))
 
 
 class CLIPRCVisionEmbeddings(nn.Module):
@@ -129,17 +173,14 @@ class CLIPRCVisionEmbeddings(nn.Module):
         patch_embeds = patch_embeds.flatten(2).transpose(1, 2)
 
         positions = self.position_embedding.weight
-        patch_positions = positions[1:]
-        if (grid_height, grid_width) != (self.grid_size, self.grid_size):
-            patch_positions = patch_positions.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
-            patch_positions = F.interpolate(
-                patch_positions, size=(grid_height, grid_width), mode="bilinear", align_corners=False
-            )
-            patch_positions = patch_positions.flatten(2).transpose(1, 2)[0]
+        patch_positions = positions[1:].reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
+        # Bilinear resizing to the same size is the identity, so the training resolution needs no branch (a branch on
+        # the grid size would not trace with symbolic sizes).
+        patch_positions = F.interpolate(patch_positions, size=(grid_height, grid_width), mode="bilinear", align_corners=False)
+        patch_positions = patch_positions.flatten(2).transpose(1, 2)
         # The reference (after ZegCLIP/DenseCLIP) adds class_embedding to the class position row, so the class token
         # enters as 2 * class_embedding + position[0]; trained checkpoints depend on it.
-        class_token = 2 * self.class_embedding + positions[0]
-        class_token = class_token.expand(batch_size, 1, -1)
+        class_token = (2 * self.class_embedding + positions[0]).expand(batch_size, 1, -1)
         return torch.cat([class_token, patch_embeds + patch_positions], dim=1)
 
 
@@ -154,7 +195,6 @@ class CLIPRCVisionTransformer(nn.Module):
         self.config = config
         vision_config = config.vision_config
         embed_dim = vision_config.hidden_size
-        num_layers = vision_config.num_hidden_layers
         self.num_prompt_tokens = config.num_prompt_tokens
         self.region_grid_size = config.region_grid_size
         self.num_region_tokens = config.num_region_tokens
@@ -166,113 +206,108 @@ class CLIPRCVisionTransformer(nn.Module):
 
         self.region_tokens = nn.Parameter(torch.zeros(self.num_region_tokens, embed_dim))
         self.prompt_embeddings = nn.Parameter(torch.zeros(1, config.num_prompt_tokens, embed_dim))
-        self.deep_prompt_embeddings = nn.Parameter(torch.zeros(num_layers - 1, config.num_prompt_tokens, embed_dim))
+        self.deep_prompt_embeddings = nn.Parameter(
+            torch.zeros(vision_config.num_hidden_layers - 1, config.num_prompt_tokens, embed_dim)
+        )
         self.prompt_proj = nn.Linear(embed_dim, embed_dim)
         self.prompt_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.prompt_dropout = nn.Dropout(config.prompt_dropout)
-        self._attention_masks: dict[tuple, torch.Tensor] = {}
 
-    def attention_mask(self, grid_height: int, grid_width: int, device, dtype=None) -> torch.Tensor:
-        """The region attention mask for a patch grid, built once per grid, device and dtype: boolean for SDPA,
-        additive (0 / -inf) in `dtype` for eager attention."""
-        key = (grid_height, grid_width, str(device), dtype)
-        if key not in self._attention_masks:
-            allowed = build_region_attention_mask(
-                self.num_prompt_tokens, grid_height, grid_width, self.region_grid_size, device=device
-            )
-            if dtype is not None:
-                additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
-                allowed = additive.masked_fill(~allowed, torch.finfo(dtype).min)
-            self._attention_masks[key] = allowed[None, None]
-        return self._attention_masks[key]
+    def attention_mask(self, grid_height: int, grid_width: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The region attention mask `(1, 1, S, S)` in the form the attention kernel takes: boolean for SDPA,
+        additive (0 / dtype minimum) for eager attention. Rebuilt per call (a few thousand elements), so that it
+        follows symbolic sizes under `torch.export`."""
+        allowed = build_region_attention_mask(
+            self.num_prompt_tokens, grid_height, grid_width, self.region_grid_size, device=hidden_states.device
+        )
+        if self.config.vision_config._attn_implementation == "sdpa":
+            return allowed[None, None]
+        dtype = hidden_states.dtype
+        if torch.is_autocast_enabled(hidden_states.device.type):
+            dtype = torch.get_autocast_dtype(hidden_states.device.type)
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=hidden_states.device)
+        return additive.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
-    def forward(self, pixel_values: torch.FloatTensor, output_attentions: bool = False):
+    def forward(self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]) -> torch.FloatTensor:
         """
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): height and width multiples
                 of `patch_size * region_grid_size`.
         Returns:
-            `(hidden_states, attentions)`: `hidden_states` of shape `(batch_size, 1 + P + N + R, hidden_size)` after
-            the prompt norm (all but the region tokens) and `post_layernorm`; `attentions` per layer or `None`.
+            `torch.FloatTensor` of shape `(batch_size, 1 + P + N + R, hidden_size)` after the prompt norm (all but the
+            region tokens) and `post_layernorm`.
         """
         patch_size = self.embeddings.patch_size
         height, width = pixel_values.shape[-2:]
         cell = patch_size * self.region_grid_size
-        if height % cell or width % cell:
+        if not torch.compiler.is_compiling() and (height % cell or width % cell):
             raise ValueError(
                 f"pixel_values of size {height}x{width}: height and width must be multiples of patch_size x "
-                f"region_grid_size = {cell} so that every region cell holds whole patches."
+                f"region_grid_size = {cell} so that every region cell holds whole patches; the image processor cuts "
+                "images into crops of the model's crop size."
             )
-        grid_height, grid_width = height // patch_size, width // patch_size
         batch_size = pixel_values.shape[0]
 
         hidden_states = self.embeddings(pixel_values)
         region_tokens = self.region_tokens.to(hidden_states.dtype).expand(batch_size, -1, -1)
         hidden_states = self.pre_layrnorm(torch.cat([hidden_states, region_tokens], dim=1))
+        attention_mask = self.attention_mask(height // patch_size, width // patch_size, hidden_states)
 
         # All prompt projections at once: row 0 feeds layer 0, row i replaces the prompt slots before layer i.
         prompts = torch.cat([self.prompt_embeddings, self.deep_prompt_embeddings], dim=0)
-        prompts = self.prompt_dropout(self.prompt_proj(prompts))
-
-        eager = self.config.vision_config._attn_implementation in (None, "eager")
-        if output_attentions and not eager:
-            raise ValueError("output_attentions=True needs eager attention: load with attn_implementation='eager'.")
-        mask_dtype = hidden_states.dtype if eager else None
-        if eager and torch.is_autocast_enabled(hidden_states.device.type):
-            mask_dtype = torch.get_autocast_dtype(hidden_states.device.type)
-        attention_mask = self.attention_mask(grid_height, grid_width, hidden_states.device, mask_dtype)
-
-        attentions = [] if output_attentions else None
-        hooks = []
-        if output_attentions:
-            for layer in self.encoder.layers:
-                hooks.append(layer.self_attn.register_forward_hook(lambda _, __, out: attentions.append(out[1])))
-        try:
-            num_prompts = self.num_prompt_tokens
-            for index, layer in enumerate(self.encoder.layers):
-                layer_prompts = prompts[index].expand(batch_size, -1, -1).to(hidden_states.dtype)
-                if index == 0:
-                    hidden_states = torch.cat([hidden_states[:, :1], layer_prompts, hidden_states[:, 1:]], dim=1)
-                else:
-                    hidden_states = torch.cat(
-                        [hidden_states[:, :1], layer_prompts, hidden_states[:, 1 + num_prompts :]], dim=1
-                    )
-                hidden_states = layer(hidden_states, attention_mask)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        prompts = self.prompt_dropout(self.prompt_proj(prompts)).to(hidden_states.dtype)
+        num_prompts = self.num_prompt_tokens
+        for index, layer in enumerate(self.encoder.layers):
+            layer_prompts = prompts[index].expand(batch_size, -1, -1)
+            after_prompts = hidden_states[:, 1:] if index == 0 else hidden_states[:, 1 + num_prompts :]
+            hidden_states = torch.cat([hidden_states[:, :1], layer_prompts, after_prompts], dim=1)
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
 
         region_start = hidden_states.shape[1] - self.num_region_tokens
         hidden_states = torch.cat(
             [self.prompt_norm(hidden_states[:, :region_start]), hidden_states[:, region_start:]], dim=1
         )
-        hidden_states = self.post_layernorm(hidden_states)
-        return hidden_states, tuple(attentions) if output_attentions else None
+        return self.post_layernorm(hidden_states)
 
 
 class CLIPRCCrossAttention(nn.Module):
-    """Multi-head attention of queries over a separate memory, with separate q / k / v projections."""
+    """Multi-head attention of queries over a separate memory, with separate q / k / v projections, through the
+    attention implementation of the config (SDPA by default, eager on request)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
+    def __init__(self, config: CLIPRCConfig):
         super().__init__()
-        self.num_heads = num_heads
-        self.dropout = dropout
+        self.config = config
+        hidden_size = config.decoder_hidden_size
+        self.num_heads = config.decoder_num_attention_heads
+        self.head_dim = hidden_size // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.decoder_attention_dropout
+        self.is_causal = False
         self.q = nn.Linear(hidden_size, hidden_size)
         self.k = nn.Linear(hidden_size, hidden_size)
         self.v = nn.Linear(hidden_size, hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """`queries` (batch, num_queries, hidden), `memory` (batch, num_keys, hidden) -> (batch, num_queries, hidden)."""
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`queries` (batch, num_queries, hidden), `memory` (batch, num_keys, hidden) -> (batch, num_queries, hidden)
+        and, with eager attention, the attention probabilities (batch, heads, num_queries, num_keys)."""
         batch_size, num_queries, hidden_size = queries.shape
-        head_dim = hidden_size // self.num_heads
-        query_states = self.q(queries).view(batch_size, num_queries, self.num_heads, head_dim).transpose(1, 2)
-        key_states = self.k(memory).view(batch_size, -1, self.num_heads, head_dim).transpose(1, 2)
-        value_states = self.v(memory).view(batch_size, -1, self.num_heads, head_dim).transpose(1, 2)
-        attended = F.scaled_dot_product_attention(
-            query_states, key_states, value_states, dropout_p=self.dropout if self.training else 0.0
+        query_states = self.q(queries).view(batch_size, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
+        key_states = self.k(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        value_states = self.v(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
         )
-        return self.proj(attended.transpose(1, 2).reshape(batch_size, num_queries, hidden_size))
+        attended, attention_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            None,
+            scaling=self.scale,
+            dropout=self.dropout if self.training else 0.0,
+        )
+        return self.proj(attended.reshape(batch_size, num_queries, hidden_size)), attention_weights
 
 
 class CLIPRCDecoderLayer(GradientCheckpointingLayer):
@@ -284,29 +319,21 @@ class CLIPRCDecoderLayer(GradientCheckpointingLayer):
     of the model (the recomputation replays the same dropout masks).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, dropout: float, attention_dropout: float):
+    def __init__(self, config: CLIPRCConfig):
         super().__init__()
-        self.multihead_attn = CLIPRCCrossAttention(hidden_size, num_heads, attention_dropout)
-        self.linear1 = nn.Linear(hidden_size, intermediate_size)
-        self.linear2 = nn.Linear(intermediate_size, hidden_size)
+        hidden_size = config.decoder_hidden_size
+        self.multihead_attn = CLIPRCCrossAttention(config)
+        self.linear1 = nn.Linear(hidden_size, config.decoder_intermediate_size)
+        self.linear2 = nn.Linear(config.decoder_intermediate_size, hidden_size)
         self.norm2 = nn.LayerNorm(hidden_size)
         self.norm3 = nn.LayerNorm(hidden_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(config.decoder_dropout)
 
     def forward(self, hidden_states: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.norm2(hidden_states + self.dropout(self.multihead_attn(hidden_states, memory)))
+        attended, _ = self.multihead_attn(hidden_states, memory)
+        hidden_states = self.norm2(hidden_states + self.dropout(attended))
         feed_forward = self.linear2(self.dropout(F.relu(self.linear1(hidden_states))))
         return self.norm3(hidden_states + self.dropout(feed_forward))
-
-
-def _decoder_layer(config: CLIPRCConfig) -> CLIPRCDecoderLayer:
-    return CLIPRCDecoderLayer(
-        config.decoder_hidden_size,
-        config.decoder_num_attention_heads,
-        config.decoder_intermediate_size,
-        config.decoder_dropout,
-        config.decoder_attention_dropout,
-    )
 
 
 class CLIPRCRecoveryDecoder(nn.Module):
@@ -317,8 +344,8 @@ class CLIPRCRecoveryDecoder(nn.Module):
         hidden_size, embed_dim = config.decoder_hidden_size, config.projection_dim
         self.query_in = nn.Linear(hidden_size, hidden_size)
         self.pixel_in = nn.Linear(hidden_size, hidden_size)
-        self.query_layers = nn.ModuleList([_decoder_layer(config) for _ in range(config.recovery_num_layers)])
-        self.pixel_layers = nn.ModuleList([_decoder_layer(config) for _ in range(config.recovery_num_layers)])
+        self.query_layers = nn.ModuleList([CLIPRCDecoderLayer(config) for _ in range(config.recovery_num_layers)])
+        self.pixel_layers = nn.ModuleList([CLIPRCDecoderLayer(config) for _ in range(config.recovery_num_layers)])
         self.query_out = nn.Linear(hidden_size, 2 * embed_dim)
         self.pixel_out = nn.Linear(hidden_size, embed_dim)
 
@@ -356,20 +383,21 @@ class CLIPRCDecodeHead(nn.Module):
         embed_dim, hidden_size = config.projection_dim, config.decoder_hidden_size
         self.q_proj = nn.Linear(2 * embed_dim, hidden_size)
         self.lateral_proj = nn.Linear(3 * embed_dim, hidden_size)
-        self.decoder_q = nn.ModuleList([_decoder_layer(config) for _ in range(config.decoder_num_layers)])
-        self.decoder_v = nn.ModuleList([_decoder_layer(config) for _ in range(config.decoder_num_layers)])
+        self.decoder_q = nn.ModuleList([CLIPRCDecoderLayer(config) for _ in range(config.decoder_num_layers)])
+        self.decoder_v = nn.ModuleList([CLIPRCDecoderLayer(config) for _ in range(config.decoder_num_layers)])
         self.recovery = CLIPRCRecoveryDecoder(config)
 
     def forward(
-        self, image_features: CLIPRCImageFeatures, text_embeds: torch.Tensor, compute_recovery: bool = False
+        self, image_features: CLIPRCModelOutput, text_embeds: torch.Tensor, compute_recovery: bool = False
     ) -> CLIPRCDecoderOutput:
         """
         Args:
-            image_features: normalised global (B, E), patch (B, E, h, w) and region (B, E, g, g) embeddings.
+            image_features: normalised `image_embeds` (B, E), `patch_embeds` (B, E, h, w) and `region_embeds`
+                (B, E, g, g) of [`CLIPRCModel`].
             text_embeds (`torch.FloatTensor` of shape `(C, E)`): normalised class embeddings.
             compute_recovery: also run the recovery branch (needed by the recovery loss).
         """
-        global_embeds = image_features.global_embeds
+        global_embeds = image_features.image_embeds
         batch_size, embed_dim, grid_height, grid_width = image_features.patch_embeds.shape
         num_classes = text_embeds.shape[0]
         patch_tokens = image_features.patch_embeds.flatten(2).transpose(1, 2)
@@ -495,7 +523,9 @@ class CLIPRCPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _supports_flash_attn = False
     _no_split_modules = ["CLIPEncoderLayer", "CLIPRCDecoderLayer"]
+    _can_record_outputs = {"hidden_states": CLIPEncoderLayer, "attentions": CLIPAttention}
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -529,55 +559,60 @@ class CLIPRCPreTrainedModel(PreTrainedModel):
             init.zeros_(module.class_embeddings)
 
 
-class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
+class CLIPRCModel(CLIPRCPreTrainedModel):
     """
-    CLIP-RC for zero-shot semantic segmentation. A frozen CLIP ViT encodes the image with deep visual prompts and
-    region tokens; a frozen CLIP text tower encodes the class names; a region-alignment decoder turns both into one
-    mask per class.
+    The CLIP-RC base model: CLIP's image tower with deep visual prompts and the Region-Level Bridge of region tokens,
+    CLIP's text tower, and both projections into the joint embedding space. It returns the normalised global, patch
+    and region embeddings the decode head of [`CLIPRCForSemanticSegmentation`] reads, and the image tower's hidden
+    states and attentions.
     """
 
     def __init__(self, config: CLIPRCConfig):
         super().__init__(config)
-        # The image tower's layers read their attention kernel (SDPA by default) from the vision sub-config.
-        if config.vision_config._attn_implementation is None:
-            config.vision_config._attn_implementation_internal = config._attn_implementation
-        text_config = config.text_config
+        # The towers' CLIP layers read their attention kernel from the sub-configs: the setter passes it down.
+        config._attn_implementation = config._attn_implementation
         self.vision_model = CLIPRCVisionTransformer(config)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
-        self.text_model = CLIPTextModel._from_config(text_config)
-        self.text_projection = nn.Linear(text_config.hidden_size, config.projection_dim, bias=False)
-        self.decode_head = CLIPRCDecodeHead(config)
-        # Normalised text embeddings of the config's classes, so that a saved model segments without a tokenizer.
-        self.register_buffer("class_embeddings", torch.zeros(config.num_labels, config.projection_dim))
+        self.text_model = CLIPTextModel._from_config(config.text_config)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.post_init()
-        self.freeze_clip()
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        # Loading materialises fresh parameters (all trainable): apply the reference's frozen set again.
-        model = super().from_pretrained(*args, **kwargs)
-        model.freeze_clip()
-        return model
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.embeddings.patch_embedding
 
-    def freeze_clip(self):
-        """Freeze what the reference freezes: both CLIP towers and projections; the region tokens unless
-        `config.train_region_tokens`. Prompts, prompt projection, prompt norm and the decode head stay trainable."""
-        for name, parameter in self.named_parameters():
-            if name.startswith(("text_model.", "text_projection.", "visual_projection.")):
-                parameter.requires_grad_(False)
-            elif name.startswith("vision_model."):
-                local_name = name[len("vision_model.") :]
-                trainable = "prompt" in local_name or (
-                    local_name == "region_tokens" and self.config.train_region_tokens
-                )
-                parameter.requires_grad_(trainable)
-
-    # ---- text side -------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def encode_text(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
         """
-        Class embeddings from tokenized prompts.
+        The prompted image tower, as transformers' CLIP returns it: `last_hidden_state` (B, 1 + P + N + R, D) and
+        `pooler_output` (B, E), the projected (not normalised) class token; `hidden_states` / `attentions` on request.
+        """
+        outputs = self(pixel_values=pixel_values, **kwargs)
+        pooled = self.visual_projection(outputs.last_hidden_state[:, 0])
+        return BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=pooled,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    @can_return_tuple
+    def get_text_features(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """CLIP's text tower on `input_ids` (N, L): `last_hidden_state` and `pooler_output` (N, E), the projected (not
+        normalised) end-of-text token, as transformers' `CLIPModel.get_text_features` returns them."""
+        _reject_unknown_kwargs(kwargs, "get_text_features")
+        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        outputs.pooler_output = self.text_projection(outputs.pooler_output)
+        return outputs
+
+    def encode_class_prompts(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.FloatTensor:
+        """
+        Class embeddings from tokenized class prompts (as [`CLIPRCProcessor`] returns them for class names).
 
         Args:
             input_ids (`torch.LongTensor` of shape `(C, L)` or `(C, T, L)`): one prompt per class, or T templated
@@ -589,14 +624,95 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
         """
         if input_ids.dim() not in (2, 3):
             raise ValueError(f"input_ids must have shape (C, L) or (C, T, L), got {tuple(input_ids.shape)}.")
-        num_classes = input_ids.shape[0]
         flat_ids = input_ids.reshape(-1, input_ids.shape[-1])
         flat_mask = attention_mask.reshape(flat_ids.shape) if attention_mask is not None else None
-        pooled = self.text_model(input_ids=flat_ids, attention_mask=flat_mask).pooler_output
-        text_embeds = F.normalize(self.text_projection(pooled), dim=-1)
+        text_embeds = F.normalize(self.get_text_features(flat_ids, flat_mask).pooler_output, dim=-1)
         if input_ids.dim() == 3:
-            text_embeds = F.normalize(text_embeds.view(num_classes, input_ids.shape[1], -1).mean(dim=1), dim=-1)
+            text_embeds = text_embeds.view(input_ids.shape[0], input_ids.shape[1], -1).mean(dim=1)
+            text_embeds = F.normalize(text_embeds, dim=-1)
         return text_embeds
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CLIPRCModelOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+                Normalised crops (see [`CLIPRCImageProcessor`]); height and width multiples of
+                `patch_size * region_grid_size` (positions are interpolated away from the training crop size).
+            input_ids (`torch.LongTensor` of shape `(C, L)` or `(C, T, L)`, *optional*):
+                Tokenized class prompts; their class embeddings are returned as `text_embeds`.
+            attention_mask (*optional*): the attention mask of `input_ids`.
+        """
+        _reject_unknown_kwargs(kwargs, "forward")
+        last_hidden_state = self.vision_model(pixel_values, **kwargs)
+        embeds = F.normalize(self.visual_projection(last_hidden_state), dim=-1)
+        batch_size, height, width = pixel_values.shape[0], pixel_values.shape[-2], pixel_values.shape[-1]
+        patch_size, grid = self.config.vision_config.patch_size, self.config.region_grid_size
+        grid_height, grid_width = height // patch_size, width // patch_size
+        first_patch = 1 + self.config.num_prompt_tokens
+        patch_embeds = embeds[:, first_patch : first_patch + grid_height * grid_width]
+        region_embeds = embeds[:, -self.config.num_region_tokens :]
+        text_embeds = self.encode_class_prompts(input_ids, attention_mask) if input_ids is not None else None
+        return CLIPRCModelOutput(
+            last_hidden_state=last_hidden_state,
+            image_embeds=embeds[:, 0],
+            patch_embeds=patch_embeds.transpose(1, 2).reshape(batch_size, -1, grid_height, grid_width),
+            region_embeds=region_embeds.transpose(1, 2).reshape(batch_size, -1, grid, grid),
+            text_embeds=text_embeds,
+        )
+
+
+class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
+    """
+    CLIP-RC for zero-shot semantic segmentation: the [`CLIPRCModel`] base model (frozen CLIP towers with prompts and
+    region tokens), a region-alignment decode head turning image and class embeddings into one mask per class, and
+    the reference's losses. The class embeddings of the config's classes are persisted, so a saved model segments
+    without a tokenizer.
+    """
+
+    def __init__(self, config: CLIPRCConfig):
+        super().__init__(config)
+        self.clip_rc = CLIPRCModel(config)
+        self.decode_head = CLIPRCDecodeHead(config)
+        self.register_buffer("class_embeddings", torch.zeros(config.num_labels, config.projection_dim))
+        self.post_init()
+        self.freeze_clip()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading materialises fresh parameters (all trainable): apply the reference's frozen set again.
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.freeze_clip()
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the pipelines module that `config.custom_pipelines` names, and an
+        `auto_map` entry for `AutoModel` (the base model loads from the same weights)."""
+        if getattr(self, "_auto_class", None) is not None:
+            self.config.auto_map = {**getattr(self.config, "auto_map", {}), "AutoModel": "modeling_clip_rc.CLIPRCModel"}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and getattr(self, "_auto_class", None) is not None:
+            from .pipelines import CLIPRCSegmentationPipeline
+
+            custom_object_save(CLIPRCSegmentationPipeline, save_directory)
+
+    def freeze_clip(self):
+        """Freeze what the reference freezes: both CLIP towers and projections; the region tokens unless
+        `config.train_region_tokens`. Prompts, prompt projection, prompt norm and the decode head stay trainable."""
+        for name, parameter in self.clip_rc.named_parameters():
+            trainable = name.startswith("vision_model.") and (
+                "prompt" in name or (name == "vision_model.region_tokens" and self.config.train_region_tokens)
+            )
+            parameter.requires_grad_(trainable)
+
+    # ---- classes ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def set_class_embeddings(self, text_embeds: torch.Tensor, class_names: list[str] | None = None):
@@ -608,6 +724,8 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
             raise ValueError(
                 f"text_embeds must have shape (C, {self.config.projection_dim}), got {tuple(text_embeds.shape)}."
             )
+        if not bool(torch.isfinite(text_embeds).all()):
+            raise ValueError("text_embeds hold non-finite values (NaN or inf).")
         if class_names is not None:
             if len(class_names) != text_embeds.shape[0]:
                 raise ValueError(f"{len(class_names)} class names for {text_embeds.shape[0]} embeddings.")
@@ -631,8 +749,8 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
                 )
             return text_embeds, None
         if input_ids is not None:
-            return self.encode_text(input_ids, attention_mask), None
-        # A host sync, skipped under torch.compile to keep the graph whole.
+            return self.clip_rc.encode_class_prompts(input_ids, attention_mask), None
+        # A host sync, skipped under torch.compile / torch.export to keep the graph whole.
         if not torch.compiler.is_compiling() and not bool(self.class_embeddings.abs().sum() > 0):
             raise ValueError(
                 "The model has no class embeddings: pass text_embeds or input_ids, or call set_class_embeddings()."
@@ -640,25 +758,14 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
         class_ids = torch.arange(self.class_embeddings.shape[0], device=self.class_embeddings.device)
         return self.class_embeddings, class_ids
 
-    # ---- image side ------------------------------------------------------------------------------------------
-
-    def get_image_features(self, pixel_values: torch.FloatTensor, output_attentions: bool = False) -> CLIPRCImageFeatures:
-        """Normalised global, patch and region embeddings of a batch of crops (see [`CLIPRCImageFeatures`])."""
-        hidden_states, attentions = self.vision_model(pixel_values, output_attentions=output_attentions)
-        embeds = F.normalize(self.visual_projection(hidden_states), dim=-1)
-        batch_size = pixel_values.shape[0]
-        patch_size = self.config.vision_config.patch_size
-        grid_height, grid_width = pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size
-        num_prompts, num_regions, grid = self.config.num_prompt_tokens, self.config.num_region_tokens, self.config.region_grid_size
-        first_patch = 1 + num_prompts
-        patch_embeds = embeds[:, first_patch : first_patch + grid_height * grid_width]
-        region_embeds = embeds[:, -num_regions:]
-        return CLIPRCImageFeatures(
-            global_embeds=embeds[:, 0],
-            patch_embeds=patch_embeds.transpose(1, 2).reshape(batch_size, -1, grid_height, grid_width),
-            region_embeds=region_embeds.transpose(1, 2).reshape(batch_size, -1, grid, grid),
-            attentions=attentions,
-        )
+    def score_offsets(self, class_ids: torch.Tensor | None, num_classes: int, device) -> torch.Tensor:
+        """(C,) values subtracted from the sigmoid scores: `seen_score_bias` on the classes the head was trained on,
+        when the channels are the config's classes; zeros for classes given at run time."""
+        offsets = torch.zeros(num_classes, device=device)
+        if class_ids is not None:
+            trained = torch.tensor(self.config.trained_class_ids, device=device)
+            offsets = torch.where(torch.isin(class_ids, trained), self.config.seen_score_bias, offsets)
+        return offsets
 
     # ---- training targets and loss ---------------------------------------------------------------------------
 
@@ -672,6 +779,21 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
                 f"index {ignore_index}."
             )
 
+    def _head_classes(self, class_embeds: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class embeddings and ids the head trains on: the seen classes in the inductive setting, every class
+        otherwise."""
+        num_labels = self.config.num_labels
+        if class_embeds.shape[0] != num_labels:
+            raise ValueError(
+                f"Training with labels needs the embeddings of the config's {num_labels} classes, got "
+                f"{class_embeds.shape[0]}."
+            )
+        self._validate_labels(labels)
+        inductive = self.config.setting == "inductive"
+        head_class_ids = self.config.resolved_seen_class_ids if inductive else list(range(num_labels))
+        class_ids = torch.tensor(head_class_ids, device=class_embeds.device)
+        return class_embeds[class_ids], class_ids
+
     def _id_lookup(self, class_ids: list[int], device) -> torch.Tensor:
         """A table mapping dataset class ids (and the ignore index) to head channels; other ids map to ignore."""
         ignore_index = self.config.ignore_index
@@ -680,9 +802,25 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
         lookup[torch.tensor(class_ids, dtype=torch.long, device=device)] = torch.arange(len(class_ids), device=device)
         return lookup
 
+    def _pseudo_label_unseen(self, logits, labels, targets) -> torch.Tensor:
+        """Replace the targets of unseen-class pixels by the arg-max unseen class of the detached scores (the
+        unseen channels of `logits` (B, C, h, w) upsampled to the label size)."""
+        unseen = torch.tensor(self.config.unseen_class_ids, device=labels.device)
+        with torch.no_grad():
+            unseen_logits = F.interpolate(
+                logits.detach()[:, unseen].float(), size=labels.shape[-2:], mode="bilinear", align_corners=False
+            )
+            # Ties where sigmoid saturates, as in the reference.
+            pseudo_labels = unseen[unseen_logits.sigmoid().argmax(dim=1)]
+        unseen_pixels = torch.isin(labels, unseen)
+        return torch.where(unseen_pixels, pseudo_labels, targets)
+
     def compute_loss(
-        self, logits: torch.Tensor, targets: torch.Tensor, decoder_output: CLIPRCDecoderOutput,
-        image_features: CLIPRCImageFeatures,
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        decoder_output: CLIPRCDecoderOutput,
+        image_features: CLIPRCModelOutput,
     ) -> dict[str, torch.Tensor]:
         """
         Weighted focal, dice and recovery losses (SPEC §4).
@@ -720,8 +858,15 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
             "loss_recovery_pixel": config.recovery_loss_weight * recovery_pixel,
         }
 
+    def _loss(self, logits, labels, class_ids, decoder_output, image_features) -> dict[str, torch.Tensor]:
+        targets = self._id_lookup(class_ids.tolist(), labels.device)[labels.long()]
+        if self.config.setting == "transductive":
+            targets = self._pseudo_label_unseen(logits, labels, targets)
+        return self.compute_loss(logits, targets, decoder_output, image_features)
+
     # ---- forward ---------------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.FloatTensor,
@@ -729,16 +874,15 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
         text_embeds: torch.FloatTensor | None = None,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> CLIPRCSemanticSegmenterOutput | tuple:
+        image_sizes: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CLIPRCSemanticSegmenterOutput:
         r"""
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
-                Normalised crops (see `CLIPRCImageProcessor`); height and width multiples of
-                `patch_size * region_grid_size` (the training crop size in the reference).
-            labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            pixel_values (`torch.FloatTensor` of shape `(num_crops, 3, height, width)`):
+                Normalised crops: the sliding windows [`CLIPRCImageProcessor`] cuts from resized images, or training
+                crops; height and width multiples of `patch_size * region_grid_size`.
+            labels (`torch.LongTensor` of shape `(num_crops, height, width)`, *optional*):
                 Class ids of the config's class list, `ignore_index` (255) for unlabelled pixels. The model applies
                 its `setting`: inductive training ignores unseen pixels and gives the head the seen classes only;
                 transductive training gives the head every class and pseudo-labels unseen pixels with the arg-max
@@ -746,218 +890,54 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
             text_embeds (`torch.FloatTensor` of shape `(C, E)`, *optional*):
                 Normalised class embeddings. With labels, they must be the config's `num_labels` classes.
             input_ids (`torch.LongTensor` of shape `(C, L)` or `(C, T, L)`, *optional*):
-                Tokenized class prompts, encoded with [`~CLIPRCForSemanticSegmentation.encode_text`].
+                Tokenized class prompts (the processor's `text=class_names`), encoded by the text tower.
             attention_mask (*optional*): the attention mask of `input_ids`.
+            image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*):
+                The resized size of each image the processor cut the crops from; passed to the output for
+                [`~CLIPRCImageProcessor.post_process_semantic_segmentation`]. Default: every crop is an image.
             Without `text_embeds` and `input_ids`, the persisted embeddings of the config's classes are used.
+
+        Example:
+
+        ```python
+        >>> inputs = processor(images=[image], return_tensors="pt")
+        >>> outputs = model(**inputs)
+        >>> label_map = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+        ```
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        _reject_unknown_kwargs(kwargs, "forward")
         class_embeds, class_ids = self._class_embeddings(text_embeds, input_ids, attention_mask)
-        num_labels = self.config.num_labels
-
         if labels is not None:
-            if class_embeds.shape[0] != num_labels:
-                raise ValueError(
-                    f"Training with labels needs the embeddings of the config's {num_labels} classes, got "
-                    f"{class_embeds.shape[0]}."
-                )
-            self._validate_labels(labels)
-            head_class_ids = (
-                self.config.resolved_seen_class_ids if self.config.setting == "inductive" else list(range(num_labels))
-            )
-            class_ids = torch.tensor(head_class_ids, device=class_embeds.device)
-            class_embeds = class_embeds[class_ids]
+            class_embeds, class_ids = self._head_classes(class_embeds, labels)
 
-        image_features = self.get_image_features(pixel_values, output_attentions=bool(output_attentions))
+        image_features = self.clip_rc(pixel_values=pixel_values, **kwargs)
         decoder_output = self.decode_head(image_features, class_embeds, compute_recovery=labels is not None)
         logits = decoder_output.logits
 
         loss = loss_dict = None
         if labels is not None:
-            targets = self._id_lookup(class_ids.tolist(), labels.device)[labels.long()]
-            if self.config.setting == "transductive":
-                targets = self._pseudo_label_unseen(logits, labels, targets)
-            loss_dict = self.compute_loss(logits, targets, decoder_output, image_features)
+            loss_dict = self._loss(logits, labels, class_ids, decoder_output, image_features)
             loss = sum(loss_dict.values())
 
-        output = CLIPRCSemanticSegmenterOutput(
-            loss=loss, loss_dict=loss_dict, logits=logits, class_ids=class_ids, attentions=image_features.attentions
+        if image_sizes is None:
+            crop_size = torch.tensor(pixel_values.shape[-2:], device=pixel_values.device)
+            image_sizes = crop_size.expand(pixel_values.shape[0], 2)
+        return CLIPRCSemanticSegmenterOutput(
+            loss=loss,
+            loss_dict=loss_dict,
+            logits=logits,
+            class_ids=class_ids,
+            score_offsets=self.score_offsets(class_ids, logits.shape[1], logits.device),
+            image_sizes=image_sizes,
+            hidden_states=image_features.hidden_states,
+            attentions=image_features.attentions,
         )
-        return output if return_dict else output.to_tuple()
-
-    def _pseudo_label_unseen(self, logits, labels, targets) -> torch.Tensor:
-        """Replace the targets of unseen-class pixels by the arg-max unseen class of the detached scores (the
-        unseen channels of `logits` (B, C, h, w) upsampled to the label size)."""
-        unseen = torch.tensor(self.config.unseen_class_ids, device=labels.device)
-        with torch.no_grad():
-            unseen_logits = F.interpolate(
-                logits.detach()[:, unseen].float(), size=labels.shape[-2:], mode="bilinear", align_corners=False
-            )
-            # Ties where sigmoid saturates, as in the reference.
-            pseudo_labels = unseen[unseen_logits.sigmoid().argmax(dim=1)]
-        unseen_pixels = torch.isin(labels, unseen)
-        return torch.where(unseen_pixels, pseudo_labels, targets)
-
-    # ---- inference -------------------------------------------------------------------------------------------
-
-    def score_offsets(self, class_ids: torch.Tensor | None, num_classes: int, device) -> torch.Tensor:
-        """(C,) values subtracted from the sigmoid scores: `seen_score_bias` on the classes the head was trained on,
-        when the channels are the config's classes; zeros for classes given at run time."""
-        offsets = torch.zeros(num_classes, device=device)
-        if class_ids is not None:
-            trained = torch.tensor(self.config.trained_class_ids, device=device)
-            offsets[torch.isin(class_ids, trained)] = self.config.seen_score_bias
-        return offsets
-
-    def _window_logits(self, padded: torch.Tensor, windows, class_embeds, windows_per_batch: int) -> torch.Tensor:
-        """Mask logits of every window, window-major: `(num_windows * B, C, h, w)` at the patch-grid resolution."""
-        logits = []
-        for start in range(0, len(windows), windows_per_batch):
-            chunk = windows[start : start + windows_per_batch]
-            crops = torch.cat([padded[:, :, top:bottom, left:right] for top, bottom, left, right in chunk])
-            logits.append(self.decode_head(self.get_image_features(crops), class_embeds).logits.float())
-        return torch.cat(logits)
-
-    def _averaged_window_scores(self, window_logits, windows, offsets, padded_size, batch_size) -> torch.Tensor:
-        """Calibrated scores `sigmoid(upsampled logits) - offsets` of a class range, averaged over overlapping
-        windows: `(B, C, *padded_size)`."""
-        crop = self.config.crop_size
-        scores = window_logits.new_zeros(batch_size, window_logits.shape[1], *padded_size)
-        counts = window_logits.new_zeros(1, 1, *padded_size)
-        for index, (top, bottom, left, right) in enumerate(windows):
-            logits = window_logits[index * batch_size : (index + 1) * batch_size]
-            window_scores = F.interpolate(logits, size=(crop, crop), mode="bilinear", align_corners=False)
-            scores[:, :, top:bottom, left:right] += window_scores.sigmoid() - offsets[None, :, None, None]
-            counts[:, :, top:bottom, left:right] += 1
-        return scores / counts
-
-    def _prepare_windows(self, pixel_values, text_embeds, input_ids, attention_mask, windows_per_batch):
-        """Pad to at least one crop, cut the windows and run the model on them (see `sliding_window_scores`)."""
-        class_embeds, class_ids = self._class_embeddings(text_embeds, input_ids, attention_mask)
-        offsets = self.score_offsets(class_ids, class_embeds.shape[0], pixel_values.device)
-        crop, stride = self.config.crop_size, self.config.sliding_window_stride
-        height, width = pixel_values.shape[-2:]
-        padded = F.pad(pixel_values, (0, max(crop - width, 0), 0, max(crop - height, 0)))
-        windows = sliding_windows(padded.shape[-2], padded.shape[-1], crop, stride)
-        window_logits = self._window_logits(padded, windows, class_embeds, windows_per_batch)
-        return window_logits, windows, offsets, tuple(padded.shape[-2:])
-
-    @torch.no_grad()
-    def sliding_window_scores(
-        self,
-        pixel_values: torch.FloatTensor,
-        text_embeds: torch.FloatTensor | None = None,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        output_size: tuple[int, int] | None = None,
-        windows_per_batch: int = 4,
-    ) -> torch.FloatTensor:
-        """
-        The reference's test protocol on a batch of equally sized images: square windows of `crop_size` every
-        `sliding_window_stride` pixels (the last window flush with the border), calibrated scores
-        `sigmoid(pred_masks) - offsets` averaged where windows overlap, then resized (bilinear) to `output_size`.
-
-        Images smaller than the crop on a side are padded (bottom / right, with zeros, i.e. the mean colour after
-        normalisation) to one full crop and the padded part of the scores is cut away, so the region-token
-        attention mask always sees its full grid of cells.
-
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): normalised images, short side usually
-                resized to `crop_size` by the image processor.
-        Returns:
-            `torch.FloatTensor` of shape `(B, C, *output_size)` (or `(B, C, H, W)`).
-        """
-        height, width = pixel_values.shape[-2:]
-        window_logits, windows, offsets, padded_size = self._prepare_windows(
-            pixel_values, text_embeds, input_ids, attention_mask, windows_per_batch
-        )
-        scores = self._averaged_window_scores(window_logits, windows, offsets, padded_size, pixel_values.shape[0])
-        scores = scores[:, :, :height, :width]
-        if output_size is not None and tuple(output_size) != (height, width):
-            scores = F.interpolate(scores, size=tuple(output_size), mode="bilinear", align_corners=False)
-        return scores
-
-    @torch.no_grad()
-    def sliding_window_labels(
-        self,
-        pixel_values: torch.FloatTensor,
-        text_embeds: torch.FloatTensor | None = None,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        output_sizes: list[tuple[int, int]] | None = None,
-        windows_per_batch: int = 4,
-        classes_per_chunk: int = 32,
-    ) -> list[torch.LongTensor]:
-        """
-        The arg-max of [`sliding_window_scores`] (resized to each image's `output_sizes[i]`), computed
-        `classes_per_chunk` classes at a time with a running maximum, so memory does not grow with the number of
-        classes. Ties resolve to the lowest class index, as `argmax` does.
-
-        Returns:
-            One `torch.LongTensor` of shape `output_sizes[i]` (or `(H, W)`) per image.
-        """
-        batch_size, _, height, width = pixel_values.shape
-        output_sizes = [tuple(size) for size in output_sizes] if output_sizes is not None else [(height, width)] * batch_size
-        if len(output_sizes) != batch_size:
-            raise ValueError(f"{len(output_sizes)} output sizes for {batch_size} images.")
-        window_logits, windows, offsets, padded_size = self._prepare_windows(
-            pixel_values, text_embeds, input_ids, attention_mask, windows_per_batch
-        )
-        best_scores = [window_logits.new_full(size, -math.inf) for size in output_sizes]
-        best_labels = [torch.zeros(size, dtype=torch.long, device=window_logits.device) for size in output_sizes]
-        for first in range(0, window_logits.shape[1], classes_per_chunk):
-            last = min(first + classes_per_chunk, window_logits.shape[1])
-            scores = self._averaged_window_scores(
-                window_logits[:, first:last], windows, offsets[first:last], padded_size, batch_size
-            )[:, :, :height, :width]
-            for index, size in enumerate(output_sizes):
-                image_scores = scores[index : index + 1]
-                if size != (height, width):
-                    image_scores = F.interpolate(image_scores, size=size, mode="bilinear", align_corners=False)
-                chunk_best, chunk_labels = image_scores[0].max(dim=0)
-                better = chunk_best > best_scores[index]
-                best_scores[index] = torch.where(better, chunk_best, best_scores[index])
-                best_labels[index] = torch.where(better, chunk_labels + first, best_labels[index])
-        return best_labels
-
-    @torch.no_grad()
-    def segment(
-        self,
-        pixel_values: torch.FloatTensor | list[torch.FloatTensor],
-        original_sizes: list[tuple[int, int]] | None = None,
-        text_embeds: torch.FloatTensor | None = None,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> list[torch.LongTensor]:
-        """
-        Label maps for images of any size with the reference protocol ([`sliding_window_labels`]).
-
-        Args:
-            pixel_values: a `(B, 3, H, W)` batch or a list of `(3, H_i, W_i)` images (as the image processor
-                returns them for mixed sizes).
-            original_sizes: `(height, width)` per image to resize the scores to before the arg-max.
-        Returns:
-            One `torch.LongTensor` of shape `original_sizes[i]` (or the input size) per image: channel indices into
-            the classes used (the config's classes unless `text_embeds` / `input_ids` give others).
-        """
-        images = list(pixel_values) if isinstance(pixel_values, (list, tuple)) else list(pixel_values.unbind(0))
-        if original_sizes is not None and len(original_sizes) != len(images):
-            raise ValueError(f"{len(original_sizes)} original sizes for {len(images)} images.")
-        if input_ids is not None and text_embeds is None:
-            text_embeds = self.encode_text(input_ids, attention_mask)
-        return [
-            self.sliding_window_labels(
-                image[None],
-                text_embeds=text_embeds,
-                output_sizes=[original_sizes[index]] if original_sizes is not None else None,
-            )[0]
-            for index, image in enumerate(images)
-        ]
 
     # ---- initialisation from CLIP ----------------------------------------------------------------------------
 
     @classmethod
     def from_clip(
-        cls, clip_name_or_path: str | Path | CLIPModel, config: CLIPRCConfig | dict, tokenizer=None, **kwargs
+        cls, clip_name_or_path: str | Path | CLIPModel, config: CLIPRCConfig | dict, processor=None, **kwargs
     ) -> "CLIPRCForSemanticSegmentation":
         """
         A CLIP-RC model initialised from a CLIP checkpoint in the Hub's format (e.g. `openai/clip-vit-base-patch16`
@@ -965,14 +945,14 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
         copied, the position table resized to the crop's patch grid (bilinear, class row kept), every region token
         set to `class_embedding + position[0]`. Prompts and decoder are freshly initialised.
 
-        When a tokenizer is given or found beside the CLIP weights, the config's class names are encoded with the
-        config's templates and persisted as the model's class embeddings.
-
         Args:
             clip_name_or_path: Hub id, local folder or an already loaded `CLIPModel`.
             config: the CLIP-RC configuration, or a dict of its fields; `vision_config`, `text_config` and
                 `projection_dim` come from the CLIP checkpoint (a dict is validated against those, so a config for
                 a CLIP other than ViT-B/16 needs no tower settings of its own).
+            processor ([`CLIPRCProcessor`], *optional*): when given, the config's class names are encoded with the
+                config's templates and persisted as the model's class embeddings (otherwise call
+                [`set_class_embeddings`]).
             kwargs: passed to `CLIPModel.from_pretrained`.
         """
         clip = clip_name_or_path
@@ -987,44 +967,45 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
             }
         )
         model = cls(config)
-        clip_state = clip.state_dict()
-        state = {
-            name: tensor
-            for name, tensor in clip_state.items()
-            if name.startswith(("vision_model.", "text_model.", "visual_projection.", "text_projection."))
-            and not name.endswith("position_ids")
-        }
-        position_key = "vision_model.embeddings.position_embedding.weight"
-        state[position_key] = resize_position_table(state[position_key], config.patch_grid_size)
-        model_state = model.state_dict()
-        unknown = [name for name in state if name not in model_state]
-        if unknown:
-            raise ValueError(f"CLIP weights with no place in CLIP-RC: {unknown[:10]}")
-        missing_clip = [
-            name
-            for name in model_state
-            if name.startswith(("vision_model.embeddings", "vision_model.encoder", "text_model."))
-            and name not in state
-            and not name.endswith("position_ids")
-        ]
-        if missing_clip:
-            raise ValueError(f"The CLIP checkpoint lacks {missing_clip[:10]}")
-        model.load_state_dict(state, strict=False)
+        model.clip_rc.load_state_dict(clip_state_dict_for(model.clip_rc, clip), strict=False)
         with torch.no_grad():
-            embeddings = model.vision_model.embeddings
+            embeddings = model.clip_rc.vision_model.embeddings
             region_init = embeddings.class_embedding + embeddings.position_embedding.weight[0]
-            model.vision_model.region_tokens.copy_(region_init.expand_as(model.vision_model.region_tokens))
-
-        if tokenizer is None and not isinstance(clip_name_or_path, CLIPModel):
-            tokenizer = _try_load_tokenizer(clip_name_or_path)
-        if tokenizer is not None:
-            model.set_class_embeddings(
-                model.encode_text(**tokenize_class_prompts(tokenizer, config.class_names, config.prompt_templates))
-            )
+            region_tokens = model.clip_rc.vision_model.region_tokens
+            region_tokens.copy_(region_init.expand_as(region_tokens))
+        if processor is not None:
+            prompts = processor(text=config.class_names, templates=config.prompt_templates, return_tensors="pt")
+            model.set_class_embeddings(model.clip_rc.encode_class_prompts(prompts["input_ids"], prompts["attention_mask"]))
         else:
-            source = "the given CLIPModel" if isinstance(clip_name_or_path, CLIPModel) else str(clip_name_or_path)
-            logger.warning(f"No tokenizer given or found beside {source}: class embeddings are not set; call set_class_embeddings().")
+            logger.info("No processor given to from_clip: class embeddings are not set; call set_class_embeddings().")
         return model
+
+
+def clip_state_dict_for(base_model: CLIPRCModel, clip: CLIPModel) -> dict[str, torch.Tensor]:
+    """The weights of a `CLIPModel` renamed and resized for `base_model`: both towers and projections, the position
+    table resized to the crop's patch grid. Raises when a CLIP weight has no place or a tower weight is missing."""
+    state = {
+        name: tensor
+        for name, tensor in clip.state_dict().items()
+        if name.startswith(("vision_model.", "text_model.", "visual_projection.", "text_projection."))
+        and not name.endswith("position_ids")
+    }
+    position_key = "vision_model.embeddings.position_embedding.weight"
+    state[position_key] = resize_position_table(state[position_key], base_model.config.patch_grid_size)
+    model_state = base_model.state_dict()
+    unknown = [name for name in state if name not in model_state]
+    if unknown:
+        raise ValueError(f"CLIP weights with no place in CLIP-RC: {unknown[:10]}")
+    missing = [
+        name
+        for name in model_state
+        if name.startswith(("vision_model.embeddings", "vision_model.encoder", "text_model."))
+        and name not in state
+        and not name.endswith("position_ids")
+    ]
+    if missing:
+        raise ValueError(f"The CLIP checkpoint lacks {missing[:10]}")
+    return state
 
 
 def resize_position_table(positions: torch.Tensor, grid_size: int) -> torch.Tensor:
@@ -1039,42 +1020,12 @@ def resize_position_table(positions: torch.Tensor, grid_size: int) -> torch.Tens
     return torch.cat([positions[:1], patch_positions], dim=0)
 
 
-def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
-    """`(top, bottom, left, right)` of the reference's sliding windows over an image of at least one crop."""
-    rows = max(height - crop + stride - 1, 0) // stride + 1
-    cols = max(width - crop + stride - 1, 0) // stride + 1
-    windows = []
-    for row in range(rows):
-        for col in range(cols):
-            bottom, right = min(row * stride + crop, height), min(col * stride + crop, width)
-            windows.append((max(bottom - crop, 0), bottom, max(right - crop, 0), right))
-    return windows
-
-
-def tokenize_class_prompts(tokenizer, class_names: list[str], templates: list[str]) -> dict[str, torch.Tensor]:
-    """`input_ids` and `attention_mask` of shape `(C, T, L)`: every class name in every template."""
-    prompts = [template.format(name) for name in class_names for template in templates]
-    encoded = tokenizer(prompts, padding=True, return_tensors="pt")
-    shape = (len(class_names), len(templates), -1)
-    return {"input_ids": encoded["input_ids"].view(shape), "attention_mask": encoded["attention_mask"].view(shape)}
-
-
-def _try_load_tokenizer(name_or_path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError):
-        return None
-
-
 __all__ = [
     "CLIPRCForSemanticSegmentation",
+    "CLIPRCModel",
+    "CLIPRCModelOutput",
     "CLIPRCPreTrainedModel",
     "CLIPRCSemanticSegmenterOutput",
-    "CLIPRCImageFeatures",
     "build_region_attention_mask",
-    "sliding_windows",
     "resize_position_table",
-    "tokenize_class_prompts",
 ]

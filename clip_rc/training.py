@@ -44,7 +44,6 @@ unless `mpirun` is used; `--multi_gpu` starts N processes, which this script the
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -69,16 +68,12 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from . import PRESETS, CLIPRCConfig, CLIPRCForSemanticSegmentation
 from .benchmarks import get_benchmark
-from .data import (
-    SegmentationEvalTransform,
-    SegmentationTrainTransform,
-    collate_fn,
-    load_segmentation_dataset,
-    with_segmentation_transform,
-)
+from .data import SegmentationTrainTransform, collate_fn, load_segmentation_dataset
 from .evaluation import evaluate_model
+from .image_processing_clip_rc import CLIPRCImageProcessor
 from .metrics import format_results_table
-from .processing_clip_rc import CLIPRCImageProcessor, CLIPRCProcessor
+from .model_card import build_model_card
+from .processing_clip_rc import CLIPRCProcessor
 from .utils import launched_without_accelerator, setup_logging, write_json_atomic
 
 
@@ -123,10 +118,10 @@ REFERENCE_CUSTOM_KEYS: dict[str, tuple[float, float]] = {
 }
 # Our module prefixes -> the reference's.
 _REFERENCE_PREFIXES = (
-    ("vision_model.", "backbone."),
-    ("visual_projection.", "backbone.proj."),
-    ("text_model.", "text_encoder."),
-    ("text_projection.", "text_encoder.text_projection."),
+    ("clip_rc.vision_model.", "backbone."),
+    ("clip_rc.visual_projection.", "backbone.proj."),
+    ("clip_rc.text_model.", "text_encoder."),
+    ("clip_rc.text_projection.", "text_encoder.text_projection."),
     ("decode_head.", "decode_head."),
 )
 
@@ -364,7 +359,7 @@ def _parse_config_overrides(text: str | None) -> dict[str, Any]:
 
 
 def reference_parameter_name(name: str) -> str:
-    """The reference's name of one of our parameters (`vision_model.x` -> `backbone.x`, ...)."""
+    """The reference's name of one of our parameters (`clip_rc.vision_model.x` -> `backbone.x`, ...)."""
     for ours, theirs in _REFERENCE_PREFIXES:
         if name.startswith(ours):
             return theirs + name[len(ours) :]
@@ -694,7 +689,8 @@ def build_model(model_args: ModelArguments) -> tuple[CLIPRCForSemanticSegmentati
                 f"Starting from CLIP needs its tokenizer to compute the class embeddings once; none found at "
                 f"{tokenizer_source}: pass --tokenizer_name_or_path."
             )
-        model = CLIPRCForSemanticSegmentation.from_clip(clip, config, tokenizer=tokenizer)
+        processor = CLIPRCProcessor(CLIPRCImageProcessor.from_model_config(config), tokenizer)
+        model = CLIPRCForSemanticSegmentation.from_clip(clip, config, processor=processor)
         del clip
         return model, tokenizer
 
@@ -728,10 +724,8 @@ def build_model(model_args: ModelArguments) -> tuple[CLIPRCForSemanticSegmentati
 
 def build_processor(model: CLIPRCForSemanticSegmentation, tokenizer, eval_shortest_edge: int):
     """A [`CLIPRCProcessor`] (or only a [`CLIPRCImageProcessor`] without tokenizer) for the trained model."""
-    crop = model.config.crop_size
-    image_processor = CLIPRCImageProcessor(
-        size={"shortest_edge": eval_shortest_edge}, crop_size={"height": crop, "width": crop}
-    )
+    image_processor = CLIPRCImageProcessor.from_model_config(model.config)
+    image_processor.size = {"shortest_edge": eval_shortest_edge}
     if tokenizer is None:
         return image_processor
     return CLIPRCProcessor(
@@ -748,6 +742,7 @@ def evaluate_segmentation(
     model: CLIPRCForSemanticSegmentation,
     eval_dataset: torch.utils.data.Dataset,
     accelerator: Accelerator,
+    image_processor: CLIPRCImageProcessor,
     num_workers: int = 0,
     description: str = "evaluating",
 ) -> dict[str, Any]:
@@ -757,7 +752,8 @@ def evaluate_segmentation(
     process must call it; all get the same figures.
     """
     results = evaluate_model(
-        model, eval_dataset, accelerator=accelerator, num_workers=num_workers, batch_size=1, progress=True,
+        model, eval_dataset, image_processor=image_processor, accelerator=accelerator, num_workers=num_workers,
+        batch_size=1, progress=True,
         description=description,
     )
     results["table"] = format_results_table(results, results.get("class_names"))
@@ -773,71 +769,6 @@ def _summary_metrics(results: dict[str, Any]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------------
 # Model card and Hub
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
-
-
-def model_card(config: CLIPRCConfig, recipe: dict[str, Any], metrics: dict[str, float] | None,
-               eval_table: str | None, repo_id: str | None = None) -> str:
-    """A README.md model card: what the model is, the training recipe (arguments) and the final figures."""
-    name = repo_id or "path/to/this/folder"
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: image-segmentation",
-        "tags:",
-        "- clip-rc",
-        "- zero-shot-semantic-segmentation",
-        "license: apache-2.0",
-        "---",
-        "",
-        "# CLIP-RC",
-        "",
-        "CLIP-RC (\"Exploring Regional Clues in CLIP for Zero-Shot Semantic Segmentation\", Zhang et al., CVPR 2024), "
-        f"trained with `clip_rc.training` in the **{config.setting}** setting on **{config.benchmark}** "
-        f"({config.num_labels} classes, {len(config.unseen_class_ids)} unseen).",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "import clip_rc  # or pass trust_remote_code=True",
-        "from transformers import AutoModelForSemanticSegmentation, AutoProcessor",
-        "",
-        f'model = AutoModelForSemanticSegmentation.from_pretrained("{name}").eval()',
-        f'processor = AutoProcessor.from_pretrained("{name}")',
-        'inputs = processor(images=image, return_tensors="pt")',
-        'label_map = model.segment(inputs["pixel_values"], original_sizes=inputs["original_sizes"].tolist())[0]',
-        "```",
-        "",
-        "## Results",
-        "",
-    ]
-    if metrics:
-        lines += [
-            "| pAcc | mIoU | mIoU(S) | mIoU(U) | hIoU |",
-            "|---|---|---|---|---|",
-            f"| {_percent(metrics.get('overall_accuracy'))} | {_percent(metrics.get('mean_iou'))} | "
-            f"{_percent(metrics.get('mean_iou_seen'))} | {_percent(metrics.get('mean_iou_unseen'))} | "
-            f"{_percent(metrics.get('harmonic_iou'))} |",
-            "",
-        ]
-        if eval_table:
-            lines += ["<details><summary>Per class</summary>", "", "```", eval_table, "```", "", "</details>", ""]
-    else:
-        lines += ["Not evaluated.", ""]
-    lines += [
-        "## Training recipe",
-        "",
-        "Arguments of `clip_rc.training` (resolved defaults included):",
-        "",
-        "```json",
-        json.dumps(recipe, indent=2, default=str),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def push_to_hub(output_dir: Path, hub_model_id: str | None, private: bool = False) -> str:
@@ -1045,9 +976,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         crop_size=crop, scale=scale, photometric=data_args.photometric_distortion, ignore_index=config.ignore_index
     )
     train_samples = AugmentedTrainSamples(train_dataset, train_transform, training_args.seed)
-    if eval_dataset is not None:
-        eval_transform = SegmentationEvalTransform(shortest_edge=eval_shortest_edge)
-        eval_dataset = with_segmentation_transform(eval_dataset, eval_transform)
 
     # ---- optimiser, schedule ----
     groups = reference_parameter_groups(
@@ -1172,7 +1100,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def run_evaluation(step: int):
         nonlocal last_metrics, last_table
-        results = evaluate_segmentation(model, eval_dataset, accelerator, training_args.dataloader_num_workers)
+        results = evaluate_segmentation(
+            model, eval_dataset, accelerator, getattr(processor, "image_processor", processor),
+            training_args.dataloader_num_workers,
+        )
         last_metrics, last_table = _summary_metrics(results), results["table"]
         logger.info(f"Evaluation at step {step} on {eval_split}:\n{last_table}")
         log_metrics({f"eval/{key}": value for key, value in last_metrics.items()}, step)
@@ -1264,7 +1195,8 @@ def _save_final(model, processor, output_dir: Path, recipe, metrics, table, log_
     if processor is not None:
         processor.save_pretrained(temporary)
     repo_id = training_args.hub_model_id if training_args.push_to_hub else None
-    (temporary / "README.md").write_text(model_card(model.config, recipe, metrics, table, repo_id), encoding="utf-8")
+    card = build_model_card(model.config, recipe, metrics, table, repo_id, recipe.get("resolved.eval_split"))
+    card.save(temporary / "README.md")
     write_json_atomic(temporary / "training_args.json", recipe)
     write_json_atomic(temporary / "trainer_state.json", {"global_step": global_step, "log_history": log_history})
     if metrics is not None:

@@ -1,5 +1,6 @@
 """Small helpers shared by the scripts: strict, atomic JSON files and launcher detection."""
 
+import contextlib
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 
-__all__ = ["json_ready", "launched_without_accelerator", "setup_logging", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "json_ready", "launched_without_accelerator", "setup_logging", "write_json_atomic", "write_text_atomic"]
 
 
 def json_ready(value: Any) -> Any:
@@ -36,17 +37,18 @@ def json_ready(value: Any) -> Any:
     return value
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and `os.replace`, so that the file is
-    either the old one or the complete new one, never a partial write."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """
+    Yield a temporary path in the folder of `path` to write the file to; on success it replaces `path` at once
+    (`os.replace`), on failure it is removed. So `path` is always either the old file or the complete new one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    os.close(descriptor)
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield Path(temporary)
         # mkstemp creates the file readable by its owner only; give it the permissions of a normally created file.
         umask = os.umask(0)
         os.umask(umask)
@@ -56,7 +58,16 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
-    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` atomically (see [`atomic_path`]), flushed to disk before it replaces the old file."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return Path(path)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForSemanticSegmentation, CLIPConfig, CLIPModel
 
-from clip_rc import CLIPRCForSemanticSegmentation
+from clip_rc import CLIPRCForSemanticSegmentation, CLIPRCImageProcessor, CLIPRCProcessor
 from clip_rc.convert_original import (
     CheckpointConversionError,
     convert_original_checkpoint,
@@ -22,7 +22,6 @@ from clip_rc.convert_original import (
     to_original_state_dict,
 )
 from clip_rc.flops import flop_report, format_report, main_flops
-from clip_rc.modeling_clip_rc import tokenize_class_prompts
 
 from .conftest import TINY_TEXT, TINY_VISION, tiny_config, tiny_model, without_dropout
 from .reference_oracle import (
@@ -207,29 +206,29 @@ def test_reference_tensors_land_where_the_spec_says(tmp_path):
     path = write_checkpoint(tmp_path / "voc_zero.pth", sd)
     state = convert_original_checkpoint(path, config=tiny_config()).state_dict()
     fused = sd["backbone.transformer.resblocks.1.attn.in_proj_weight"]
-    layer = "vision_model.encoder.layers.1.self_attn."
+    layer = "clip_rc.vision_model.encoder.layers.1.self_attn."
     assert torch.equal(state[layer + "q_proj.weight"], fused[:D])
     assert torch.equal(state[layer + "k_proj.weight"], fused[D : 2 * D])
     assert torch.equal(state[layer + "v_proj.weight"], fused[2 * D :])
     assert torch.equal(
-        state["text_model.encoder.layers.0.self_attn.v_proj.bias"],
+        state["clip_rc.text_model.encoder.layers.0.self_attn.v_proj.bias"],
         sd["text_encoder.transformer.resblocks.0.attn.in_proj_bias"][2 * W :],
     )
     pairs = {
-        "vision_model.embeddings.position_embedding.weight": sd["backbone.positional_embedding"],
-        "vision_model.embeddings.class_embedding": sd["backbone.class_embedding"],
-        "vision_model.embeddings.patch_embedding.weight": sd["backbone.conv1.weight"],
-        "vision_model.region_tokens": sd["backbone.region_level_bridge"],
-        "vision_model.deep_prompt_embeddings": sd["backbone.deep_prompt_embeddings"],
-        "vision_model.pre_layrnorm.weight": sd["backbone.ln_pre.weight"],
-        "vision_model.post_layernorm.bias": sd["backbone.ln_post.bias"],
-        "vision_model.prompt_norm.weight": sd["backbone.prompt_norm.weight"],
-        "vision_model.encoder.layers.0.mlp.fc1.weight": sd["backbone.transformer.resblocks.0.mlp.c_fc.weight"],
-        "vision_model.encoder.layers.0.layer_norm2.bias": sd["backbone.transformer.resblocks.0.ln_2.bias"],
-        "visual_projection.weight": sd["backbone.proj"].T,
-        "text_projection.weight": sd["text_encoder.text_projection"].T,
-        "text_model.embeddings.position_embedding.weight": sd["text_encoder.positional_embedding"],
-        "text_model.final_layer_norm.weight": sd["text_encoder.ln_final.weight"],
+        "clip_rc.vision_model.embeddings.position_embedding.weight": sd["backbone.positional_embedding"],
+        "clip_rc.vision_model.embeddings.class_embedding": sd["backbone.class_embedding"],
+        "clip_rc.vision_model.embeddings.patch_embedding.weight": sd["backbone.conv1.weight"],
+        "clip_rc.vision_model.region_tokens": sd["backbone.region_level_bridge"],
+        "clip_rc.vision_model.deep_prompt_embeddings": sd["backbone.deep_prompt_embeddings"],
+        "clip_rc.vision_model.pre_layrnorm.weight": sd["backbone.ln_pre.weight"],
+        "clip_rc.vision_model.post_layernorm.bias": sd["backbone.ln_post.bias"],
+        "clip_rc.vision_model.prompt_norm.weight": sd["backbone.prompt_norm.weight"],
+        "clip_rc.vision_model.encoder.layers.0.mlp.fc1.weight": sd["backbone.transformer.resblocks.0.mlp.c_fc.weight"],
+        "clip_rc.vision_model.encoder.layers.0.layer_norm2.bias": sd["backbone.transformer.resblocks.0.ln_2.bias"],
+        "clip_rc.visual_projection.weight": sd["backbone.proj"].T,
+        "clip_rc.text_projection.weight": sd["text_encoder.text_projection"].T,
+        "clip_rc.text_model.embeddings.position_embedding.weight": sd["text_encoder.positional_embedding"],
+        "clip_rc.text_model.final_layer_norm.weight": sd["text_encoder.ln_final.weight"],
         "decode_head.decoder_v.2.linear2.weight": sd["decode_head.decoder_v.layers.2.linear2.weight"],
         "decode_head.decoder_q.1.multihead_attn.k.bias": sd["decode_head.decoder_q.layers.1.multihead_attn.k.bias"],
         "decode_head.recovery.pixel_in.weight": sd["decode_head.recovery_decoder.linear_k_in.weight"],
@@ -370,18 +369,22 @@ def test_parity_with_the_reference_oracle(setting):
 
     # Text: the converted text tower equals the reference's (EOT = argmax token).
     text = _oracle_text(sd)
-    torch.testing.assert_close(model.encode_text(prompt_ids()), text, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.clip_rc.encode_class_prompts(prompt_ids()), text, atol=1e-5, rtol=0)
 
-    # Inference: logits upsampled to the crop = pred_masks; calibrated scores.
+    # Inference: logits upsampled to the crop = pred_masks; calibrated scores of the processor's post-processing.
     model.eval()
     model.set_class_embeddings(text)
+    image_processor = CLIPRCImageProcessor.from_model_config(model.config)
     seen_weight = 0.1 if setting == "inductive" else 0.0
     with torch.no_grad():
         oracle = reference_forward(
             sd, pixel_values, text, P, GRID, VISION_HEADS, DECODER_HEADS, seen_idx=seen, seen_weight=seen_weight
         )
-        logits = model(pixel_values).logits
-        scores = model.sliding_window_scores(pixel_values)
+        outputs = model(pixel_values=pixel_values)
+        processed = image_processor.post_process_semantic_segmentation(outputs, return_segmentation_scores=True)
+    logits = outputs.logits
+    scores = torch.stack([result.segmentation_scores for result in processed])
+    assert scores.shape == oracle["scores"].shape == (2, len(ALL_CLASSES), CROP, CROP)
     pred_masks = F.interpolate(logits, size=(CROP, CROP), mode="bilinear", align_corners=False)
     message = "converted model disagrees with the reference oracle (model, not converter: see modeling_clip_rc.py)"
     assert (pred_masks - oracle["pred_masks"]).abs().max() <= 1e-4, message
@@ -506,16 +509,19 @@ def test_openai_clip_equals_the_hub_format(form, tmp_path):
     torch.manual_seed(1)
     from_hub = CLIPRCForSemanticSegmentation.from_clip(hub, tiny_config()).eval()
     ids = prompt_ids()
-    assert torch.equal(from_openai.encode_text(ids), from_hub.encode_text(ids))
+    assert torch.equal(from_openai.clip_rc.encode_class_prompts(ids), from_hub.clip_rc.encode_class_prompts(ids))
     pixel_values = torch.randn(1, 3, CROP, CROP)
     with torch.no_grad():
-        features_openai = from_openai.get_image_features(pixel_values)
-        features_hub = from_hub.get_image_features(pixel_values)
-    for name in ("global_embeds", "patch_embeds", "region_embeds"):
+        features_openai = from_openai.clip_rc(pixel_values)
+        features_hub = from_hub.clip_rc(pixel_values)
+    for name in ("image_embeds", "patch_embeds", "region_embeds"):
         assert torch.equal(getattr(features_openai, name), getattr(features_hub, name)), name
     # ... and the text embeddings of OpenAI's own formula (EOT = argmax token) on the OpenAI-layout weights.
     torch.testing.assert_close(
-        from_openai.encode_text(ids), reference_text_embeddings(openai, ids, TEXT_HEADS, prefix=""), atol=1e-5, rtol=0
+        from_openai.clip_rc.encode_class_prompts(ids),
+        reference_text_embeddings(openai, ids, TEXT_HEADS, prefix=""),
+        atol=1e-5,
+        rtol=0,
     )
 
 
@@ -559,8 +565,11 @@ def test_cli_writes_a_loadable_folder_and_keeps_a_good_one_on_failure(tmp_path, 
     with torch.no_grad():
         assert torch.equal(loaded(pixel_values).logits, expected(pixel_values).logits)
     # Class embeddings were computed with the converted text tower from the config's classes and templates.
-    prompts = tokenize_class_prompts(tokenizer, tiny_config().class_names, tiny_config().prompt_templates)
-    torch.testing.assert_close(loaded.class_embeddings, expected.encode_text(**prompts))
+    processor = CLIPRCProcessor(CLIPRCImageProcessor.from_model_config(tiny_config()), tokenizer)
+    prompts = processor(text=tiny_config().class_names, templates=tiny_config().prompt_templates, return_tensors="pt")
+    torch.testing.assert_close(
+        loaded.class_embeddings, expected.clip_rc.encode_class_prompts(prompts["input_ids"], prompts["attention_mask"])
+    )
     assert loaded.class_embeddings.abs().sum() > 0
 
     # A failed conversion (bad file) leaves the good folder untouched and no temporary folder behind.

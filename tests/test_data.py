@@ -8,11 +8,11 @@ import torch
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
+from clip_rc import CLIPRCImageProcessor
 from clip_rc.data import (
     REFERENCE_IMAGE_MEAN,
     REFERENCE_IMAGE_STD,
     SegmentationDecoder,
-    SegmentationEvalTransform,
     SegmentationTrainTransform,
     _hsv_to_rgb_uint8,
     _rgb_to_hsv_uint8,
@@ -532,20 +532,30 @@ def test_hsv_round_trip():
                                   [[[0, 255, 255], [60, 255, 255], [120, 255, 255]]])
 
 
-def test_eval_transform_and_collate():
+def test_image_processor_test_time_resize_normalisation_and_collate():
+    """The reference's test-time preprocessing (now the image processor's): short side 512, aspect ratio kept,
+    mmcv rounding, normalised with the reference's 0-255 statistics."""
     wide = (np.zeros((30, 45, 3), np.uint8), np.ones((30, 45), np.uint8))
     tall = (np.full((40, 20, 3), 255, np.uint8), np.full((40, 20), 255, np.uint8))
-    output = SegmentationEvalTransform()({"image": [wide[0], tall[0]], "label": [wide[1], tall[1]]})
-    assert output["pixel_values"][0].shape == (3, 512, 768)
-    assert output["pixel_values"][1].shape == (3, 1024, 512)
-    assert output["labels"][0].shape == (30, 45) and output["labels"][0].dtype == torch.int64
+    image_processor = CLIPRCImageProcessor(do_sliding_window=False)
+    output = image_processor(images=[wide[0], tall[0]])
+    pixel_values = [torch.from_numpy(values) for values in output["pixel_values"]]
+    assert pixel_values[0].shape == (3, 512, 768) and pixel_values[0].dtype == torch.float32
+    assert pixel_values[1].shape == (3, 1024, 512)
+    assert output["image_sizes"].tolist() == [[512, 768], [1024, 512]]
     expected_white = (255 - torch.tensor(REFERENCE_IMAGE_MEAN)) / torch.tensor(REFERENCE_IMAGE_STD)
-    assert torch.allclose(output["pixel_values"][1][:, 7, 9], expected_white)
+    assert torch.allclose(pixel_values[1][:, 7, 9], expected_white)
+    expected_black = -torch.tensor(REFERENCE_IMAGE_MEAN) / torch.tensor(REFERENCE_IMAGE_STD)
+    assert torch.allclose(pixel_values[0][:, 100, 300], expected_black)
 
-    capped = SegmentationEvalTransform(longest_edge=600)({"image": [wide[0]], "label": [wide[1]]})
-    assert capped["pixel_values"][0].shape == (3, 400, 600)
+    capped = CLIPRCImageProcessor(size={"shortest_edge": 512, "longest_edge": 600}, do_sliding_window=False)
+    assert capped(images=[wide[0]], return_tensors="pt")["pixel_values"].shape == (1, 3, 400, 600)
+    # mmcv rounds half up: 13 * 0.5 = 6.5 -> 7 (Python's round and int() both give 6).
+    rounding = CLIPRCImageProcessor(size={"shortest_edge": 5}, do_sliding_window=False)
+    assert rounding(images=[np.zeros((10, 13, 3), np.uint8)])["image_sizes"].tolist() == [[5, 7]]
 
-    examples = [{"pixel_values": output["pixel_values"][i], "labels": output["labels"][i]} for i in range(2)]
+    labels = [torch.from_numpy(label.astype(np.int64)) for label in (wide[1], tall[1])]
+    examples = [{"pixel_values": pixel_values[i], "labels": labels[i]} for i in range(2)]
     batch = collate_fn(examples)
     assert isinstance(batch["pixel_values"], list) and len(batch["pixel_values"]) == 2
     stacked = collate_fn([examples[0], examples[0]])
@@ -561,7 +571,14 @@ def test_with_segmentation_transform_keeps_the_decoder(tmp_path):
     # Decoded and remapped VOC ids (t1 holds 255, 0 and 14), never raw ids such as 15.
     assert set(sample["labels"].unique().tolist()) <= {0, 14, 255}
 
-    evaluation = with_segmentation_transform(dataset["val"], SegmentationEvalTransform(shortest_edge=64))
+    image_processor = CLIPRCImageProcessor(size={"shortest_edge": 64}, do_sliding_window=False)
+
+    def evaluation_transform(batch):
+        pixel_values = image_processor(images=batch["image"], return_tensors="pt")["pixel_values"]
+        labels = [torch.from_numpy(np.asarray(label, dtype=np.int64)) for label in batch["label"]]
+        return {"pixel_values": list(pixel_values), "labels": labels}
+
+    evaluation = with_segmentation_transform(dataset["val"], evaluation_transform)
     sample = evaluation[0]
     assert sample["pixel_values"].shape == (3, 64, 85) and sample["labels"].shape == (30, 40)
     assert set(sample["labels"].unique().tolist()) == {1, 15, 255}

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForSemanticSegmentation, CLIPConfig, CLIPModel
 
-from clip_rc import CLIPRCConfig, CLIPRCForSemanticSegmentation
-from clip_rc.modeling_clip_rc import build_region_attention_mask, resize_position_table, sliding_windows
+from clip_rc import CLIPRCConfig, CLIPRCForSemanticSegmentation, CLIPRCModel, CLIPRCProcessor
+from clip_rc.image_processing_clip_rc import CLIPRCImageProcessor, sliding_windows
+from clip_rc.modeling_clip_rc import build_region_attention_mask, resize_position_table
 
 from .conftest import TINY_TEXT, TINY_VISION, tiny_config, tiny_model, without_dropout
 
@@ -102,9 +103,30 @@ def test_attention_weights_respect_the_region_mask():
         assert torch.all(attention[0, :, allowed] > 0)
 
 
-def test_output_attentions_needs_eager_attention(model):
-    with pytest.raises(ValueError, match="eager"):
-        model(torch.randn(1, 3, 64, 64), output_attentions=True)
+def test_output_attentions_under_sdpa_warns_and_returns_none(model, caplog):
+    # transformers' behaviour: SDPA cannot return attention maps; it says so and computes the same outputs.
+    model.eval()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    output = model(pixel_values, output_attentions=True)
+    assert output.attentions == ()
+    torch.testing.assert_close(output.logits, model(pixel_values).logits)
+
+
+def test_hidden_states_follow_the_argument_and_the_config(model):
+    model.eval()
+    pixel_values = torch.randn(2, 3, 64, 64)
+    output = model(pixel_values, output_hidden_states=True)
+    # The first layer's input and every layer's output: [class, 3 prompts, 64 patches, 4 regions], width 32.
+    assert len(output.hidden_states) == 3
+    assert all(state.shape == (2, 1 + 3 + 64 + 4, 32) for state in output.hidden_states)
+    assert model(pixel_values).hidden_states is None
+    model.config.output_hidden_states = True
+    assert len(model(pixel_values).hidden_states) == 3
+
+
+def test_unknown_keyword_arguments_raise(model):
+    with pytest.raises(TypeError, match="output_hidden_state"):
+        model(torch.randn(1, 3, 64, 64), output_hidden_state=True)
 
 
 def test_one_layer_tower_keeps_region_tokens_local():
@@ -113,8 +135,8 @@ def test_one_layer_tower_keeps_region_tokens_local():
     pixel_values = torch.randn(1, 3, 64, 64)
     changed = pixel_values.clone()
     changed[:, :, 32:, :32] += 3.0  # the bottom-left cell of the 2x2 grid (index 2)
-    before = model.get_image_features(pixel_values).region_embeds.flatten(2)
-    after = model.get_image_features(changed).region_embeds.flatten(2)
+    before = model.clip_rc(pixel_values).region_embeds.flatten(2)
+    after = model.clip_rc(changed).region_embeds.flatten(2)
     difference = (before - after).abs().amax(dim=1)[0]
     assert difference[2] > 1e-3
     assert torch.all(difference[[0, 1, 3]] < 1e-6)
@@ -125,14 +147,14 @@ def test_one_layer_tower_keeps_region_tokens_local():
 
 def test_trainable_parameters_are_the_references(model):
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    vision_trainable = {name for name in trainable if name.startswith("vision_model.")}
+    vision_trainable = {name for name in trainable if name.startswith("clip_rc.vision_model.")}
     assert vision_trainable == {
-        "vision_model.prompt_embeddings",
-        "vision_model.deep_prompt_embeddings",
-        "vision_model.prompt_proj.weight",
-        "vision_model.prompt_proj.bias",
-        "vision_model.prompt_norm.weight",
-        "vision_model.prompt_norm.bias",
+        "clip_rc.vision_model.prompt_embeddings",
+        "clip_rc.vision_model.deep_prompt_embeddings",
+        "clip_rc.vision_model.prompt_proj.weight",
+        "clip_rc.vision_model.prompt_proj.bias",
+        "clip_rc.vision_model.prompt_norm.weight",
+        "clip_rc.vision_model.prompt_norm.bias",
     }
     head = {name for name, _ in model.named_parameters() if name.startswith("decode_head.")}
     assert head and head <= trainable
@@ -141,7 +163,7 @@ def test_trainable_parameters_are_the_references(model):
 
 def test_region_tokens_train_when_asked():
     model = tiny_model(tiny_config(train_region_tokens=True))
-    assert model.vision_model.region_tokens.requires_grad
+    assert model.clip_rc.vision_model.region_tokens.requires_grad
 
 
 def test_frozen_parts_get_no_gradient(model):
@@ -150,7 +172,7 @@ def test_frozen_parts_get_no_gradient(model):
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             assert parameter.grad is None, name
-    assert model.vision_model.prompt_embeddings.grad.abs().sum() > 0
+    assert model.clip_rc.vision_model.prompt_embeddings.grad.abs().sum() > 0
     assert model.decode_head.q_proj.weight.grad.abs().sum() > 0
 
 
@@ -246,7 +268,20 @@ def test_labels_need_the_configured_classes(model):
         model(pixel_values, labels=labels, text_embeds=F.normalize(torch.randn(5, 24), dim=-1))
 
 
-# ---- inference --------------------------------------------------------------------------------------------------
+# ---- inference: model logits through the image processor's post-processing -------------------------------------
+
+PROCESSOR = CLIPRCImageProcessor.from_model_config(tiny_config())  # 64-pixel windows every 48 pixels
+
+
+def protocol_scores(model, image, text_embeds=None, target_size=None):
+    """Calibrated scores `(C, H, W)` of one normalised `(3, H, W)` image through the one path: the processor's
+    windows, the model's logits, the processor's post-processing."""
+    windows = torch.from_numpy(PROCESSOR.cut_windows(image.numpy(), PROCESSOR.crop_size, PROCESSOR.sliding_window_stride))
+    outputs = model(pixel_values=windows, image_sizes=torch.tensor([image.shape[-2:]]), text_embeds=text_embeds)
+    target_sizes = [target_size] if target_size is not None else None
+    result = PROCESSOR.post_process_semantic_segmentation(outputs, target_sizes, return_segmentation_scores=True)[0]
+    assert torch.equal(result.segmentation, result.segmentation_scores.argmax(dim=0))
+    return result.segmentation_scores
 
 
 def test_calibrated_scores_lower_seen_classes(model):
@@ -255,7 +290,7 @@ def test_calibrated_scores_lower_seen_classes(model):
     logits = model(pixel_values).logits
     expected = F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False).sigmoid()
     expected[:, :2] -= 0.1
-    torch.testing.assert_close(model.sliding_window_scores(pixel_values), expected)
+    torch.testing.assert_close(protocol_scores(model, pixel_values[0]), expected[0])
 
 
 def test_sliding_windows_cover_every_pixel_like_the_reference():
@@ -271,53 +306,52 @@ def test_sliding_windows_cover_every_pixel_like_the_reference():
         assert len(windows) == rows * cols
 
 
-def test_sliding_window_on_one_crop_equals_a_single_forward(model):
+def test_one_crop_label_maps_are_the_argmax_of_one_forward(model):
     model.eval()
     pixel_values = torch.randn(2, 3, 64, 64)
-    labels = model.segment(pixel_values)
-    logits = model(pixel_values).logits
-    scores = F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False).sigmoid()
+    outputs = model(pixel_values)
+    labels = PROCESSOR.post_process_semantic_segmentation(outputs)
+    scores = F.interpolate(outputs.logits, size=(64, 64), mode="bilinear", align_corners=False).sigmoid()
     scores[:, :2] -= 0.1
     assert torch.equal(torch.stack(labels), scores.argmax(dim=1))
 
 
 def test_sliding_window_averages_overlapping_windows(model):
     model.eval()
-    pixel_values = torch.randn(1, 3, 64, 112)
-    scores = model.sliding_window_scores(pixel_values)
-    left = model.sliding_window_scores(pixel_values[..., :64])
-    right = model.sliding_window_scores(pixel_values[..., 48:])
+    image = torch.randn(3, 64, 112)
+    scores = protocol_scores(model, image)
+    left = protocol_scores(model, image[..., :64])
+    right = protocol_scores(model, image[..., 48:])
     torch.testing.assert_close(scores[..., :48], left[..., :48])
     torch.testing.assert_close(scores[..., 64:], right[..., 16:])
     torch.testing.assert_close(scores[..., 48:64], (left[..., 48:] + right[..., :16]) / 2)
 
 
-def test_small_and_odd_images_segment_at_their_original_size(model):
+def test_small_images_are_one_padded_crop_cut_back(model):
     model.eval()
-    images = [torch.randn(3, 40, 50), torch.randn(3, 64, 131)]
-    label_maps = model.segment(images, original_sizes=[(20, 25), (64, 131)])
-    assert [tuple(label_map.shape) for label_map in label_maps] == [(20, 25), (64, 131)]
-    assert all(label_map.max() < 3 for label_map in label_maps)
-    # A small image is padded to one crop: its scores are the crop's scores cut to the image.
-    padded = F.pad(images[0][None], (0, 14, 0, 24))
-    torch.testing.assert_close(model.sliding_window_scores(images[0][None]), model.sliding_window_scores(padded)[..., :40, :50])
+    image = torch.randn(3, 40, 50)
+    padded = F.pad(image, (0, 14, 0, 24))
+    torch.testing.assert_close(protocol_scores(model, image), protocol_scores(model, padded)[..., :40, :50])
+    resized = protocol_scores(model, image, target_size=(20, 25))
+    assert resized.shape == (3, 20, 25)
 
 
 def test_open_vocabulary_text_has_no_seen_offset(model):
     model.eval()
     pixel_values = torch.randn(1, 3, 64, 64)
     text_embeds = F.normalize(torch.randn(4, 24), dim=-1)
-    logits = model(pixel_values, text_embeds=text_embeds).logits
-    expected = F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False).sigmoid()
-    torch.testing.assert_close(model.sliding_window_scores(pixel_values, text_embeds=text_embeds), expected)
+    outputs = model(pixel_values, text_embeds=text_embeds)
+    assert torch.equal(outputs.score_offsets, torch.zeros(4))
+    expected = F.interpolate(outputs.logits, size=(64, 64), mode="bilinear", align_corners=False).sigmoid()
+    torch.testing.assert_close(protocol_scores(model, pixel_values[0], text_embeds=text_embeds), expected[0])
 
 
 def test_bf16_autocast_runs_close_to_fp32(model):
     model.eval()
-    pixel_values = torch.randn(1, 3, 64, 64)
-    reference = model.sliding_window_scores(pixel_values)
+    image = torch.randn(3, 64, 64)
+    reference = protocol_scores(model, image)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low_precision = model.sliding_window_scores(pixel_values)
+        low_precision = protocol_scores(model, image)
     assert (low_precision.float() - reference).abs().max() < 5e-2
 
 
@@ -325,11 +359,11 @@ def test_compiled_inference_equals_eager(model):
     """`torch.compile` of the image tower and the head (in place, as `clip-rc-benchmark --compile` does) serves the
     sliding-window path with the eager scores."""
     model.eval()
-    pixel_values = torch.randn(1, 3, 64, 96)
-    expected = model.sliding_window_scores(pixel_values)
-    model.vision_model.compile()
+    image = torch.randn(3, 64, 96)
+    expected = protocol_scores(model, image)
+    model.clip_rc.vision_model.compile()
     model.decode_head.compile()
-    torch.testing.assert_close(model.sliding_window_scores(pixel_values), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(protocol_scores(model, image), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_autocast_training_step_runs_close_to_fp32():
@@ -340,7 +374,7 @@ def test_bf16_autocast_training_step_runs_close_to_fp32():
         low_precision = model(pixel_values, labels=labels).loss
     assert low_precision.dtype == torch.float32  # the losses are computed in fp32 on upsampled fp32 logits
     low_precision.backward()
-    assert model.vision_model.deep_prompt_embeddings.grad.isfinite().all()
+    assert model.clip_rc.vision_model.deep_prompt_embeddings.grad.isfinite().all()
     assert abs(low_precision.item() - reference.item()) < 2e-2 * reference.item()
 
 
@@ -351,16 +385,81 @@ def test_other_resolutions_interpolate_positions(model):
         model(torch.randn(1, 3, 72, 64))
 
 
+def test_torch_export_with_dynamic_image_size_equals_eager(model):
+    from torch.export import Dim, export
+
+    model.eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return self.model(pixel_values=pixel_values).logits
+
+    cells_high, cells_wide = Dim("cells_high", min=1, max=8), Dim("cells_wide", min=1, max=8)
+    dynamic = {"pixel_values": {0: Dim("batch", min=1, max=8), 2: 32 * cells_high, 3: 32 * cells_wide}}
+    exported = export(Logits(model), (torch.randn(2, 3, 64, 64),), dynamic_shapes=dynamic)
+    for size in [(64, 64), (64, 128), (160, 96)]:
+        pixel_values = torch.randn(3, 3, *size)
+        torch.testing.assert_close(exported.module()(pixel_values), model(pixel_values).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_and_sdpa_attention_agree_and_eager_returns_attentions():
+    sdpa = tiny_model(tiny_config()).eval()
+    eager = tiny_model(tiny_config(attn_implementation="eager")).eval()
+    pixel_values = torch.randn(2, 3, 64, 64)
+    reference = sdpa(pixel_values, output_hidden_states=True)
+    output = eager(pixel_values, output_hidden_states=True, output_attentions=True)
+    torch.testing.assert_close(output.logits, reference.logits, rtol=1e-4, atol=1e-4)
+    for state, reference_state in zip(output.hidden_states, reference.hidden_states):
+        torch.testing.assert_close(state, reference_state, rtol=1e-4, atol=1e-4)
+    assert len(output.attentions) == 2
+    eager.config.output_attentions = True
+    assert len(eager(pixel_values).attentions) == 2
+
+
+# ---- base model -------------------------------------------------------------------------------------------------
+
+
+def test_base_model_features_follow_transformers_contracts(model):
+    base = model.clip_rc.eval()
+    pixel_values = torch.randn(2, 3, 64, 64)
+    features = base.get_image_features(pixel_values)
+    assert features.last_hidden_state.shape == (2, 1 + 3 + 64 + 4, 32)
+    torch.testing.assert_close(F.normalize(features.pooler_output, dim=-1), base(pixel_values).image_embeds)
+    assert isinstance(base.get_image_features(pixel_values, return_dict=False), tuple)
+    input_ids = torch.randint(0, 60, (3, 6))
+    input_ids[:, -1] = 63
+    text = base.get_text_features(input_ids)
+    torch.testing.assert_close(F.normalize(text.pooler_output, dim=-1), base.encode_class_prompts(input_ids))
+    assert base.get_input_embeddings() is base.vision_model.embeddings.patch_embedding
+    assert base(pixel_values, input_ids=input_ids).text_embeds.shape == (3, 24)
+
+
+def test_from_pretrained_with_loading_info_returns_the_frozen_model(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded, info = CLIPRCForSemanticSegmentation.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not loaded.clip_rc.text_model.embeddings.token_embedding.weight.requires_grad
+    assert loaded.clip_rc.vision_model.prompt_embeddings.requires_grad
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base).__name__ == "CLIPRCModel"
+    torch.testing.assert_close(base.vision_model.region_tokens, model.clip_rc.vision_model.region_tokens)
+
+
 # ---- text side --------------------------------------------------------------------------------------------------
 
 
-def test_encode_text_averages_templates(model):
+def test_encode_class_prompts_averages_templates(model):
     input_ids = torch.randint(0, 60, (3, 2, 6))
     input_ids[..., -1] = 63  # end-of-text token
-    per_template = torch.stack([model.encode_text(input_ids[:, index]) for index in range(2)], dim=1)
+    encode = model.clip_rc.encode_class_prompts
+    per_template = torch.stack([encode(input_ids[:, index]) for index in range(2)], dim=1)
     expected = F.normalize(per_template.mean(dim=1), dim=-1)
-    torch.testing.assert_close(model.encode_text(input_ids), expected)
-    torch.testing.assert_close(model.encode_text(input_ids).norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(encode(input_ids), expected)
+    torch.testing.assert_close(encode(input_ids).norm(dim=-1), torch.ones(3))
     output = model.eval()(torch.randn(1, 3, 64, 64), input_ids=input_ids)
     assert output.logits.shape == (1, 3, 8, 8)
 
@@ -416,9 +515,9 @@ def test_full_size_preset_builds_the_reference_shapes():
     config = CLIPRCConfig.from_preset("voc-inductive")
     with torch.device("meta"):
         model = CLIPRCForSemanticSegmentation(config)
-    assert model.vision_model.embeddings.position_embedding.weight.shape == (1025, 768)
-    assert model.vision_model.region_tokens.shape == (16, 768)
-    assert model.vision_model.deep_prompt_embeddings.shape == (11, 10, 768)
+    assert model.clip_rc.vision_model.embeddings.position_embedding.weight.shape == (1025, 768)
+    assert model.clip_rc.vision_model.region_tokens.shape == (16, 768)
+    assert model.clip_rc.vision_model.deep_prompt_embeddings.shape == (11, 10, 768)
     assert model.decode_head.q_proj.weight.shape == (512, 1024)
     assert model.decode_head.lateral_proj.weight.shape == (512, 1536)
     assert model.decode_head.recovery.query_out.weight.shape == (1024, 512)
@@ -438,9 +537,10 @@ def test_save_and_load_give_identical_logits(model, tmp_path):
     loaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, CLIPRCForSemanticSegmentation)
     assert torch.equal(loaded(pixel_values).logits, expected)
-    assert isinstance(AutoModel.from_pretrained(tmp_path), CLIPRCForSemanticSegmentation)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), CLIPRCModel)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), CLIPRCConfig)
-    assert loaded.vision_model.prompt_embeddings.requires_grad and not loaded.text_model.embeddings.token_embedding.weight.requires_grad
+    assert loaded.clip_rc.vision_model.prompt_embeddings.requires_grad
+    assert not loaded.clip_rc.text_model.embeddings.token_embedding.weight.requires_grad
 
 
 def test_trust_remote_code_load_in_a_fresh_process(model, tmp_path):
@@ -488,21 +588,21 @@ def test_from_clip_copies_towers_and_initialises_regions(tmp_path):
     for name in ["vision_model.encoder.layers.1.self_attn.q_proj.weight", "vision_model.post_layernorm.bias",
                  "text_model.encoder.layers.0.mlp.fc1.weight", "text_projection.weight", "visual_projection.weight",
                  "vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.class_embedding"]:
-        assert torch.equal(model_state[name], clip_state[name]), name
+        assert torch.equal(model_state["clip_rc." + name], clip_state[name]), name
     source = clip_state["vision_model.embeddings.position_embedding.weight"]  # 1 + 4x4 rows at 32 px
-    positions = model_state["vision_model.embeddings.position_embedding.weight"]
+    positions = model_state["clip_rc.vision_model.embeddings.position_embedding.weight"]
     assert positions.shape == (65, 32)
     assert torch.equal(positions[0], source[0])
     grid = source[1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
     expected = F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)[0]
     torch.testing.assert_close(positions[1:], expected)
-    regions = model.vision_model.region_tokens
+    regions = model.clip_rc.vision_model.region_tokens
     torch.testing.assert_close(regions, (source[0] + clip_state["vision_model.embeddings.class_embedding"]).expand(4, -1))
     # The text tower encodes as CLIP does.
     input_ids = torch.randint(0, 60, (3, 6))
     input_ids[:, -1] = 63
     expected_text = F.normalize(clip.get_text_features(input_ids=input_ids).pooler_output, dim=-1)
-    torch.testing.assert_close(model.encode_text(input_ids), expected_text)
+    torch.testing.assert_close(model.clip_rc.encode_class_prompts(input_ids), expected_text)
 
 
 def test_resize_position_table_keeps_matching_tables():
@@ -511,20 +611,18 @@ def test_resize_position_table_keeps_matching_tables():
     assert resize_position_table(table, 4).shape == (17, 8)
 
 
-def test_from_clip_folder_with_tokenizer_persists_class_embeddings(tmp_path):
+def test_from_clip_with_a_processor_persists_class_embeddings(tmp_path):
     from transformers import AutoTokenizer
-
-    from clip_rc.modeling_clip_rc import tokenize_class_prompts
 
     from .tiny_clip import save_tiny_clip
 
     clip_dir = save_tiny_clip(tmp_path / "clip")
     config = tiny_config(prompt_templates=["a photo of a {}", "there is a {} in the scene"])
-    model = CLIPRCForSemanticSegmentation.from_clip(clip_dir, config).eval()
-    tokenizer = AutoTokenizer.from_pretrained(clip_dir)
-    prompts = tokenize_class_prompts(tokenizer, ["cat", "dog", "grass"], config.prompt_templates)
+    processor = CLIPRCProcessor(CLIPRCImageProcessor.from_model_config(config), AutoTokenizer.from_pretrained(clip_dir))
+    model = CLIPRCForSemanticSegmentation.from_clip(clip_dir, config, processor=processor).eval()
+    prompts = processor(text=["cat", "dog", "grass"], templates=config.prompt_templates, return_tensors="pt")
     assert prompts["input_ids"].shape[:2] == (3, 2)
-    torch.testing.assert_close(model.class_embeddings, model.encode_text(**prompts))
+    torch.testing.assert_close(model.class_embeddings, model.clip_rc.encode_class_prompts(**prompts))
     # The saved model segments without a tokenizer.
     model.save_pretrained(tmp_path / "clip_rc")
     loaded = CLIPRCForSemanticSegmentation.from_pretrained(tmp_path / "clip_rc").eval()
@@ -534,18 +632,20 @@ def test_from_clip_folder_with_tokenizer_persists_class_embeddings(tmp_path):
 
 
 @pytest.mark.parametrize("classes_per_chunk", [1, 7, 64])
-def test_chunked_labels_equal_the_argmax_of_the_scores(model, classes_per_chunk):
+def test_chunked_labels_equal_the_argmax_of_the_scores(model, classes_per_chunk, monkeypatch):
+    from clip_rc import image_processing_clip_rc
+
+    monkeypatch.setattr(image_processing_clip_rc, "CLASSES_PER_CHUNK", classes_per_chunk)
     model.eval()
     torch.manual_seed(3)
     text_embeds = F.normalize(torch.randn(40, 24), dim=-1)
-    pixel_values = torch.randn(2, 3, 64, 112)
+    images = [torch.randn(3, 64, 112), torch.randn(3, 64, 112)]
     sizes = [(50, 97), (64, 112)]
-    labels = model.sliding_window_labels(
-        pixel_values, text_embeds=text_embeds, output_sizes=sizes, classes_per_chunk=classes_per_chunk
-    )
-    for index, size in enumerate(sizes):
-        scores = model.sliding_window_scores(pixel_values[index : index + 1], text_embeds=text_embeds, output_size=size)
-        assert torch.equal(labels[index], scores[0].argmax(dim=0))
+    windows = torch.cat([torch.from_numpy(PROCESSOR.cut_windows(image.numpy(), PROCESSOR.crop_size, 48)) for image in images])
+    outputs = model(pixel_values=windows, image_sizes=torch.tensor([[64, 112], [64, 112]]), text_embeds=text_embeds)
+    labels = PROCESSOR.post_process_semantic_segmentation(outputs, target_sizes=sizes)
+    for image, size, label_map in zip(images, sizes, labels):
+        assert torch.equal(label_map, protocol_scores(model, image, text_embeds, size).argmax(dim=0))
 
 
 def test_mask_losses_equal_the_one_hot_computation():
@@ -621,7 +721,7 @@ def test_activation_checkpointing_keeps_the_results_and_saves_memory():
     model.activation_checkpointing_enable()
     decoder_layers = [module for module in model.modules() if isinstance(module, CLIPRCDecoderLayer)]
     assert len(decoder_layers) == 2 * model.config.decoder_num_layers + 2  # decoder stacks and recovery pair
-    assert all(layer.gradient_checkpointing for layer in [*model.vision_model.encoder.layers, *decoder_layers])
+    assert all(layer.gradient_checkpointing for layer in [*model.clip_rc.vision_model.encoder.layers, *decoder_layers])
     losses, gradients, checkpointed_bytes = _loss_gradients_and_saved_bytes(model, pixel_values, labels)
     _assert_same_step(losses, gradients, expected_losses, expected_gradients)
     # Each decoder layer no longer keeps its (batch, heads, queries, pixels) attention map (a query per region and

@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoProcessor
 
-from clip_rc.data import REFERENCE_IMAGE_MEAN, REFERENCE_IMAGE_STD, SegmentationEvalTransform
-from clip_rc.processing_clip_rc import CLIPRCImageProcessor, CLIPRCProcessor, get_rescaled_size
+from clip_rc.data import REFERENCE_IMAGE_MEAN, REFERENCE_IMAGE_STD
+from clip_rc.image_processing_clip_rc import CLIPRCImageProcessor, get_rescaled_size, sliding_windows
+from clip_rc.processing_clip_rc import CLIPRCProcessor
 from tests.tiny_tokenizer import EOS_TOKEN, build_tiny_clip_tokenizer
 
 
@@ -18,19 +19,29 @@ def image_processor():
 
 
 @pytest.fixture
+def small_processor():
+    """64-pixel windows every 48 pixels after resizing the short side to 64."""
+    return CLIPRCImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, sliding_window_stride=48)
+
+
+@pytest.fixture
 def processor(image_processor):
     templates = ["a photo of a {}.", "a {} in the scene."]
     return CLIPRCProcessor(image_processor, build_tiny_clip_tokenizer(), templates=templates)
 
 
 def test_defaults(image_processor):
-    assert image_processor.model_input_names == ["pixel_values"]
+    assert image_processor.model_input_names == ["pixel_values", "image_sizes"]
     assert dict(image_processor.size) == {"shortest_edge": 512}
     assert dict(image_processor.crop_size) == {"height": 512, "width": 512}
+    assert image_processor.do_sliding_window and image_processor.sliding_window_stride == 426
     assert image_processor.do_rescale and image_processor.rescale_factor == pytest.approx(1 / 255)
     assert tuple(image_processor.image_mean) == (0.485, 0.456, 0.406)
     assert tuple(image_processor.image_std) == (0.229, 0.224, 0.225)
     assert image_processor.resample == PIL.Image.Resampling.BILINEAR
+    # ImageNet statistics on [0, 1] are the reference's on 0-255.
+    assert np.allclose(np.array(REFERENCE_IMAGE_MEAN) / 255, image_processor.image_mean)
+    assert np.allclose(np.array(REFERENCE_IMAGE_STD) / 255, image_processor.image_std)
 
 
 def test_rescaled_size_uses_mmcv_rounding():
@@ -39,7 +50,7 @@ def test_rescaled_size_uses_mmcv_rounding():
     assert get_rescaled_size(100, 1000, 512, longest_edge=2048) == (205, 2048)
 
 
-def test_mixed_inputs_give_a_list_and_original_sizes(image_processor):
+def test_inputs_of_every_kind_resize_and_cut_into_windows(image_processor):
     images = [
         PIL.Image.new("RGB", (100, 50), (255, 0, 0)),  # width x height
         np.zeros((40, 60), np.uint8),  # grayscale HW
@@ -51,89 +62,112 @@ def test_mixed_inputs_give_a_list_and_original_sizes(image_processor):
         PIL.Image.new("L", (12, 6)),
     ]
     output = image_processor(images, return_tensors="pt")
-    shapes = [tuple(pixels.shape) for pixels in output["pixel_values"]]
-    assert shapes == [
-        (3, 512, 1024), (3, 512, 768), (3, 512, 512), (3, 640, 512), (3, 1024, 512), (3, 512, 512),
-        (3, 1024, 512), (3, 512, 1024),
-    ]  # fmt: skip
-    assert all(isinstance(pixels, torch.Tensor) and pixels.dtype == torch.float32 for pixels in output["pixel_values"])
-    assert output["original_sizes"].tolist() == [
-        [50, 100], [40, 60], [30, 30], [25, 20], [20, 10], [10, 10], [16, 8], [6, 12]
-    ]
-    # Red, normalised with ImageNet statistics.
+    sizes = [[512, 1024], [512, 768], [512, 512], [640, 512], [1024, 512], [512, 512], [1024, 512], [512, 1024]]
+    assert output["image_sizes"].tolist() == sizes
+    assert image_processor.windows_per_image(sizes) == [3, 2, 1, 2, 3, 1, 3, 3]
+    assert output["pixel_values"].shape == (18, 3, 512, 512) and output["pixel_values"].dtype == torch.float32
+    # Red, normalised with ImageNet statistics, in the first window of the first image.
     red = (torch.tensor([1.0, 0.0, 0.0]) - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
     assert torch.allclose(output["pixel_values"][0][:, 100, 200], red, atol=1e-5)
 
 
-def test_equal_sizes_are_stacked(image_processor):
-    images = [PIL.Image.new("RGB", (64, 32), colour) for colour in ((0, 0, 0), (255, 255, 255))]
-    output = image_processor(images, return_tensors="pt")
-    assert output["pixel_values"].shape == (2, 3, 512, 1024)
-    assert output["original_sizes"].tolist() == [[32, 64], [32, 64]]
-    unbatched = image_processor(images[0])
-    assert isinstance(unbatched["pixel_values"], list) and unbatched["pixel_values"][0].shape == (3, 512, 1024)
-    assert unbatched["original_sizes"] == [(32, 64)]
-
-
-def test_matches_the_reference_evaluation_transform(image_processor):
+def test_windows_are_the_resized_image_cut_like_the_reference(small_processor):
     pixels = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
-    processed = image_processor(PIL.Image.fromarray(pixels), return_tensors="pt")["pixel_values"][0]
-    reference = SegmentationEvalTransform()({"image": [pixels], "label": [np.zeros((37, 53), np.uint8)]})
-    assert processed.shape == reference["pixel_values"][0].shape == (3, 512, 733)
-    # Same resize; ImageNet statistics on [0, 1] equal the reference's on 0-255.
-    assert torch.allclose(processed, reference["pixel_values"][0], atol=1e-4)
-    assert np.allclose(np.array(REFERENCE_IMAGE_MEAN) / 255, image_processor.image_mean)
-    assert np.allclose(np.array(REFERENCE_IMAGE_STD) / 255, image_processor.image_std)
+    whole = small_processor(PIL.Image.fromarray(pixels), do_sliding_window=False, return_tensors="pt")
+    assert whole["pixel_values"].shape == (1, 3, 64, 92) and whole["image_sizes"].tolist() == [[64, 92]]
+    windows = small_processor(PIL.Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
+    expected = [whole["pixel_values"][0, :, top:bottom, left:right] for top, bottom, left, right in sliding_windows(64, 92, 64, 48)]
+    assert torch.equal(windows, torch.stack(expected))
+    # The reference normalises 0-255 pixels with its own statistics: the same numbers.
+    resized = torch.from_numpy(np.asarray(PIL.Image.fromarray(pixels).resize((92, 64), PIL.Image.BILINEAR)).astype(np.float32))
+    assert resized.shape == (64, 92, 3)
+    white = (255 - torch.tensor(REFERENCE_IMAGE_MEAN)) / torch.tensor(REFERENCE_IMAGE_STD)
+    white_output = small_processor(PIL.Image.new("RGB", (64, 64), (255, 255, 255)), return_tensors="pt")
+    assert torch.allclose(white_output["pixel_values"][0, :, 5, 5], white, atol=1e-5)
 
 
-def test_post_process_semantic_segmentation(image_processor):
-    logits = torch.full((2, 3, 4, 4), -5.0)
+def test_small_images_are_padded_to_one_crop_with_the_mean_colour(small_processor):
+    output = small_processor(PIL.Image.new("RGB", (30, 20), (255, 255, 255)), size={"shortest_edge": 20}, return_tensors="pt")
+    assert output["image_sizes"].tolist() == [[20, 30]]
+    assert output["pixel_values"].shape == (1, 3, 64, 64)
+    assert (output["pixel_values"][0, :, 20:, :] == 0).all() and (output["pixel_values"][0, :, :, 30:] == 0).all()
+    assert (output["pixel_values"][0, :, :20, :30] > 2).all()
+
+
+def test_channel_layout_is_read_from_the_input_type(image_processor):
+    # Tiny NumPy images are channels-last (as np.asarray(PIL) gives them), not read as channels-first.
+    assert image_processor(np.zeros((1, 1, 3), np.uint8), do_sliding_window=False)["image_sizes"].tolist() == [[512, 512]]
+    assert image_processor(np.zeros((3, 5, 3), np.uint8), do_sliding_window=False)["image_sizes"].tolist() == [[512, 853]]
+    assert image_processor(np.zeros((3, 5, 4), np.uint8), do_sliding_window=False)["image_sizes"].tolist() == [[512, 853]]
+    # Told channels-first, the same array is a 5 x 3 image.
+    told = image_processor(np.zeros((3, 5, 3), np.uint8), input_data_format="channels_first", do_sliding_window=False)
+    assert told["image_sizes"].tolist() == [[853, 512]]
+    with pytest.raises(ValueError, match=r"\(3, 8, 3\).*input_data_format"):
+        image_processor(torch.zeros(3, 8, 3, dtype=torch.uint8))
+
+
+def test_16_bit_images_are_scaled_not_clipped(image_processor):
+    values = np.array([[0, 32768, 65535]], dtype=np.uint16).repeat(3, axis=0)
+    as_16_bit = image_processor(PIL.Image.fromarray(values), do_sliding_window=False, return_tensors="pt")
+    as_8_bit = image_processor(
+        PIL.Image.fromarray(np.array([[0, 128, 255]], dtype=np.uint8).repeat(3, axis=0)), do_sliding_window=False,
+        return_tensors="pt",
+    )  # fmt: skip
+    assert torch.equal(as_16_bit["pixel_values"], as_8_bit["pixel_values"])
+    with pytest.raises(ValueError, match="mode 'I'"):
+        image_processor(PIL.Image.fromarray(np.zeros((4, 4), dtype=np.int32)))
+
+
+def test_non_finite_pixels_are_refused(image_processor):
+    image = np.zeros((8, 8, 3), np.float32)
+    image[2, 3, 1] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        image_processor(image)
+
+
+def test_post_process_reassembles_windows_and_calibrates(small_processor):
+    # Two images: one window (64x64) and three (64x112 resized); logits favour class 1 on the first, 2 on the second.
+    logits = torch.full((1 + 2, 3, 8, 8), -5.0)
     logits[0, 1] = 5.0
-    logits[1, 2, :, :2] = 5.0
-    outputs = SimpleNamespace(logits=logits)
-    maps = image_processor.post_process_semantic_segmentation(outputs, target_sizes=[(10, 12), (7, 5)])
+    logits[1:, 2] = 5.0
+    outputs = SimpleNamespace(logits=logits, image_sizes=torch.tensor([[64, 64], [64, 112]]), score_offsets=None)
+    maps = small_processor.post_process_semantic_segmentation(outputs, target_sizes=[(10, 12), (7, 5)])
     assert [tuple(segmentation.shape) for segmentation in maps] == [(10, 12), (7, 5)]
     assert all(segmentation.dtype == torch.int64 for segmentation in maps)
-    assert (maps[0] == 1).all()
-    assert (maps[1][:, 0] == 2).all() and (maps[1][:, -1] == 0).all()
-
-    no_resize = image_processor.post_process_semantic_segmentation(outputs)
-    assert [tuple(segmentation.shape) for segmentation in no_resize] == [(4, 4), (4, 4)]
-
+    assert (maps[0] == 1).all() and (maps[1] == 2).all()
+    resized_sizes = small_processor.post_process_semantic_segmentation(outputs)
+    assert [tuple(segmentation.shape) for segmentation in resized_sizes] == [(64, 64), (64, 112)]
     # Offsets are subtracted from the sigmoid scores: a large offset on class 1 hands image 0 to class 0.
-    offset = image_processor.post_process_semantic_segmentation(
-        outputs, target_sizes=torch.tensor([[4, 4], [4, 4]]), score_offsets=torch.tensor([0.0, 1.0, 0.0])
-    )
-    assert (offset[0] == 0).all()
+    outputs.score_offsets = torch.tensor([0.0, 1.0, 0.0])
+    assert (small_processor.post_process_semantic_segmentation(outputs)[0] == 0).all()
+    scores = small_processor.post_process_semantic_segmentation(outputs, return_segmentation_scores=True)
+    assert scores[1].segmentation_scores.shape == (3, 64, 112)
 
+
+def test_post_process_refuses_inconsistent_inputs(small_processor):
+    outputs = SimpleNamespace(logits=torch.zeros(2, 3, 8, 8), image_sizes=torch.tensor([[64, 200]]), score_offsets=None)
+    with pytest.raises(ValueError, match=r"2 crops.*4 sliding windows"):
+        small_processor.post_process_semantic_segmentation(outputs)
+    outputs = SimpleNamespace(logits=torch.zeros(1, 3, 8, 8), image_sizes=torch.tensor([[64, 64]]), score_offsets=None)
     with pytest.raises(ValueError, match="target sizes"):
-        image_processor.post_process_semantic_segmentation(outputs, target_sizes=[(4, 4)])
-    with pytest.raises(ValueError, match="score_offsets"):
-        image_processor.post_process_semantic_segmentation(outputs, score_offsets=torch.zeros(2))
+        small_processor.post_process_semantic_segmentation(outputs, target_sizes=[(4, 4), (5, 5)])
+    outputs.logits[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite logits"):
+        small_processor.post_process_semantic_segmentation(outputs)
 
 
-def test_post_process_returns_original_sizes(image_processor):
-    images = [PIL.Image.new("RGB", (45, 30)), PIL.Image.new("RGB", (20, 40))]
-    inputs = image_processor(images, return_tensors="pt")
-    logits = torch.randn(2, 5, 32, 32)
-    maps = image_processor.post_process_semantic_segmentation(
-        SimpleNamespace(logits=logits), target_sizes=inputs["original_sizes"]
-    )
-    assert [tuple(segmentation.shape) for segmentation in maps] == [(30, 45), (40, 20)]
-
-
-def test_image_processor_round_trip(tmp_path, image_processor):
-    custom = CLIPRCImageProcessor(size={"shortest_edge": 256})
-    custom.save_pretrained(tmp_path)
+def test_image_processor_round_trip(tmp_path, small_processor):
+    small_processor.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "preprocessor_config.json").read_text())
-    assert config["auto_map"]["AutoImageProcessor"] == "processing_clip_rc.CLIPRCImageProcessor"
-    assert (tmp_path / "processing_clip_rc.py").is_file()
+    assert config["auto_map"]["AutoImageProcessor"] == "image_processing_clip_rc.CLIPRCImageProcessor"
+    assert config["sliding_window_stride"] == 48 and config["do_sliding_window"] is True
+    assert (tmp_path / "image_processing_clip_rc.py").is_file()
     reloaded = CLIPRCImageProcessor.from_pretrained(tmp_path)
-    assert dict(reloaded.size) == {"shortest_edge": 256}
+    assert dict(reloaded.size) == {"shortest_edge": 64} and reloaded.sliding_window_stride == 48
     auto = AutoImageProcessor.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(auto).__name__ == "CLIPRCImageProcessor"
-    image = PIL.Image.new("RGB", (40, 20), (10, 20, 30))
-    expected = custom(image, return_tensors="pt")["pixel_values"]
+    image = PIL.Image.new("RGB", (90, 70), (10, 20, 30))
+    expected = small_processor(image, return_tensors="pt")["pixel_values"]
     assert torch.equal(auto(image, return_tensors="pt")["pixel_values"], expected)
 
 
@@ -156,10 +190,17 @@ def test_text_prompts_shape_padding_and_eot(processor):
     assert longest["input_ids"].shape == (1, 1, 3)
     lists = processor(text="dog")
     assert np.array(lists["input_ids"]).shape == (1, 2, 32)
-    with pytest.raises(ValueError, match="slot"):
-        processor(text=["cat"], templates=["no slot"])
     with pytest.raises(ValueError, match="Pass images, text"):
         processor()
+
+
+@pytest.mark.parametrize(
+    "class_names, message",
+    [([], "empty"), (["cat", "cat"], "repeat"), (["cat", " "], r"positions \[1\]"), (["word " * 40], "exceed")],
+)
+def test_bad_class_names_are_refused_with_the_name(processor, class_names, message):
+    with pytest.raises(ValueError, match=message):
+        processor(text=class_names)
 
 
 def test_default_templates(image_processor):
@@ -171,10 +212,10 @@ def test_default_templates(image_processor):
 def test_processor_images_and_text(processor):
     images = [PIL.Image.new("RGB", (64, 32)), PIL.Image.new("RGB", (32, 64))]
     output = processor(images=images, text=["cat", "dog"], return_tensors="pt")
-    assert isinstance(output["pixel_values"], list) and len(output["pixel_values"]) == 2
-    assert output["original_sizes"].tolist() == [[32, 64], [64, 32]]
+    assert output["pixel_values"].shape == (6, 3, 512, 512)
+    assert output["image_sizes"].tolist() == [[512, 1024], [1024, 512]]
     assert output["input_ids"].shape == (2, 2, 32)
-    images_only = processor(images=images[0], return_tensors="pt", size={"shortest_edge": 64})
+    images_only = processor(images=images[0], return_tensors="pt", size={"shortest_edge": 64}, do_sliding_window=False)
     assert images_only["pixel_values"].shape == (1, 3, 64, 128) and "input_ids" not in images_only
 
 
@@ -193,5 +234,5 @@ def test_processor_round_trip_with_auto_processor(tmp_path, processor):
     for loaded in (reloaded, auto):
         assert loaded.templates == processor.templates
         output = loaded(images=image, text=["cat", "sky"], return_tensors="pt")
-        for key in ("pixel_values", "original_sizes", "input_ids", "attention_mask"):
+        for key in ("pixel_values", "image_sizes", "input_ids", "attention_mask"):
             assert torch.equal(output[key], expected[key]), key

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel, CLIPTokenizerFast
 
-from clip_rc import CLIPRCConfig, CLIPRCForSemanticSegmentation
+from clip_rc import CLIPRCConfig, CLIPRCForSemanticSegmentation, CLIPRCImageProcessor, CLIPRCProcessor
 from clip_rc.synthetic import SYNTHETIC_CLASSES, SyntheticWorld, synthetic_benchmark
 from clip_rc.tiny_clip import (
     TinyCLIPArguments,
@@ -98,8 +98,9 @@ def test_clip_rc_starts_from_the_tiny_clip(toy_clip_folder):
         decoder_num_attention_heads=2, decoder_intermediate_size=32, id2label=benchmark.id2label,
         seen_class_ids=list(benchmark.seen_class_ids), prompt_templates=list(benchmark.templates),
     )  # fmt: skip
-    model = CLIPRCForSemanticSegmentation.from_clip(str(toy_clip_folder), config)
     tokenizer = AutoTokenizer.from_pretrained(toy_clip_folder)
+    processor = CLIPRCProcessor(CLIPRCImageProcessor.from_model_config(config), tokenizer)
+    model = CLIPRCForSemanticSegmentation.from_clip(str(toy_clip_folder), config, processor=processor)
     expected = text_embeddings(clip, tokenizer, benchmark.class_names, benchmark.templates)
     torch.testing.assert_close(model.class_embeddings, expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():

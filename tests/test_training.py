@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import clip_rc
-from clip_rc import CLIPRCConfig, PRESETS
+from clip_rc import CLIPRCConfig, CLIPRCImageProcessor, PRESETS
 from clip_rc import training
 from clip_rc.training import (
     InfiniteShardedBatchSampler,
@@ -174,10 +174,10 @@ def test_arguments_from_json_and_yaml_files(tmp_path):
 
 def test_reference_multipliers_first_matching_key_wins():
     # Longest key first: norms inside the backbone and the head match `backbone` / `head` before `norm` / `ln`.
-    assert reference_multipliers("vision_model.prompt_norm.weight") == (10.0, 1.0)
-    assert reference_multipliers("vision_model.prompt_embeddings") == (10.0, 1.0)
+    assert reference_multipliers("clip_rc.vision_model.prompt_norm.weight") == (10.0, 1.0)
+    assert reference_multipliers("clip_rc.vision_model.prompt_embeddings") == (10.0, 1.0)
     assert reference_multipliers("decode_head.decoder_q.0.norm2.weight") == (10.0, 1.0)
-    assert reference_multipliers("text_model.final_layer_norm.weight") == (0.0, 1.0)
+    assert reference_multipliers("clip_rc.text_model.final_layer_norm.weight") == (0.0, 1.0)
     assert reference_multipliers("neck.norm.weight") == (1.0, 0.0)
     assert reference_multipliers("neck.ln_1.bias") == (1.0, 0.0)
 
@@ -193,9 +193,11 @@ def test_parameter_groups_and_learning_rates_follow_spec():
     for group in groups:
         assert group["lr"] == pytest.approx(2e-4) and group["weight_decay"] == pytest.approx(0.01)
     backbone = next(group for group in groups if group["name"] == "backbone")
-    assert {"vision_model.prompt_norm.weight", "vision_model.prompt_proj.weight", "vision_model.prompt_embeddings",
-            "vision_model.deep_prompt_embeddings"} <= set(backbone["param_names"])
-    assert not any(name.startswith(("text_model", "visual_projection")) for name in grouped)
+    assert {"clip_rc.vision_model.prompt_norm.weight", "clip_rc.vision_model.prompt_proj.weight",
+            "clip_rc.vision_model.prompt_embeddings", "clip_rc.vision_model.deep_prompt_embeddings"} <= set(
+        backbone["param_names"]
+    )
+    assert not any(name.startswith(("clip_rc.text_model", "clip_rc.visual_projection")) for name in grouped)
 
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in groups], lr=2e-5)
     scheduler = PolyWarmupLR(optimizer, total_steps=40_000, warmup_steps=1500, warmup_ratio=1e-6, power=0.9,
@@ -359,14 +361,22 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_clip_dir, datase
 def test_loss_falls_and_logged_learning_rates_follow_the_schedule(tiny_clip_dir, dataset_dir, tmp_path, monkeypatch):
     """(With the image tower's activations recomputed in the backward pass: `--gradient_checkpointing`.)"""
     steps, warmup = 30, 3
-    encode_text = clip_rc.CLIPRCForSemanticSegmentation.encode_text
+    encode_class_prompts = clip_rc.CLIPRCModel.encode_class_prompts
     text_encodings = []
 
-    def counting_encode_text(self, *args, **kwargs):
+    def counting_encode_class_prompts(self, *args, **kwargs):
         text_encodings.append(args[0].shape if args else kwargs["input_ids"].shape)
-        return encode_text(self, *args, **kwargs)
+        return encode_class_prompts(self, *args, **kwargs)
 
-    monkeypatch.setattr(clip_rc.CLIPRCForSemanticSegmentation, "encode_text", counting_encode_text)
+    monkeypatch.setattr(clip_rc.CLIPRCModel, "encode_class_prompts", counting_encode_class_prompts)
+    evaluate_model = training.evaluate_model
+    image_processors = []
+
+    def recording_evaluate_model(*args, image_processor=None, **kwargs):
+        image_processors.append(image_processor)
+        return evaluate_model(*args, image_processor=image_processor, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate_model", recording_evaluate_model)
     result = training.main(run_args(
         tiny_clip_dir, dataset_dir, tmp_path / "run", "--max_steps", str(steps), "--learning_rate", "1e-4",
         "--warmup_steps", str(warmup), "--lr_decay_steps", str(steps), "--seed", "1", "--gradient_checkpointing",
@@ -380,6 +390,11 @@ def test_loss_falls_and_logged_learning_rates_follow_the_schedule(tiny_clip_dir,
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, losses
     assert result["metrics"] is not None and 0.0 <= result["metrics"]["overall_accuracy"] <= 1.0
+    # The final evaluation ran through the image processor of the model's crop (short side, windows, stride).
+    assert len(image_processors) == 1 and isinstance(image_processors[0], CLIPRCImageProcessor)
+    settings = image_processors[0].to_dict()
+    assert settings["size"] == {"shortest_edge": 64} and settings["crop_size"] == {"height": 64, "width": 64}
+    assert settings["sliding_window_stride"] == CLIPRCConfig.from_pretrained(tmp_path / "run").sliding_window_stride
     # The class embeddings were encoded once, by from_clip (20 VOC classes x 1 template), never per step.
     assert len(text_encodings) == 1 and tuple(text_encodings[0][:2]) == (20, 1)
 
@@ -417,7 +432,7 @@ def test_transductive_stage_starts_from_an_inductive_checkpoint_and_pushes(
     def no_text_encoding(*args, **kwargs):
         raise AssertionError("the training loop must use the persisted class embeddings, not re-encode text")
 
-    monkeypatch.setattr(clip_rc.CLIPRCForSemanticSegmentation, "encode_text", no_text_encoding)
+    monkeypatch.setattr(clip_rc.CLIPRCModel, "encode_class_prompts", no_text_encoding)
     start = inductive_dir / "checkpoint-2"
     output_dir = tmp_path / "transductive"
     result = training.main([
@@ -437,7 +452,7 @@ def test_transductive_stage_starts_from_an_inductive_checkpoint_and_pushes(
     assert config.crop_size == 64 and config.num_prompt_tokens == 3  # the checkpoint's architecture
     # Two warm-up updates (lr <= 1.4e-7) barely move the weights: the stage started from the inductive checkpoint.
     inductive, transductive = load_weights(start), load_weights(output_dir)
-    for name in ("vision_model.prompt_embeddings", "decode_head.q_proj.weight", "class_embeddings"):
+    for name in ("clip_rc.vision_model.prompt_embeddings", "decode_head.q_proj.weight", "class_embeddings"):
         assert torch.allclose(inductive[name], transductive[name], atol=1e-5), name
 
     assert calls[0] == ("create_repo", "someone/clip-rc-voc-transductive", True, False)
