@@ -88,7 +88,14 @@ from .data import (
 from .evaluation import evaluate_model
 from .metrics import format_results_table
 from .processing_clip_rc import CLIPRCImageProcessor, CLIPRCProcessor
-from .utils import json_ready, launched_without_accelerator, non_finite_tensors, setup_logging, write_json_atomic
+from .utils import (
+    check_model_folder,
+    json_ready,
+    launched_without_accelerator,
+    non_finite_tensors,
+    setup_logging,
+    write_json_atomic,
+)
 
 
 logger = get_logger("clip_rc.training")  # also when run as __main__ (python -m clip_rc.training)
@@ -717,6 +724,16 @@ def _config_field_names() -> set[str]:
     return set(CLIPRCConfig.__annotations__) | {"id2label", "label2id"}
 
 
+def _load_pretrained(model_class, source: str, cache_dir: str | None):
+    """`model_class.from_pretrained(source)`, a local folder checked first, with errors that name the folder."""
+    if Path(source).is_dir():
+        check_model_folder(source)
+    try:
+        return model_class.from_pretrained(source, cache_dir=cache_dir)
+    except ValueError as error:  # e.g. a bad value in config.json, whose message names the field but not the file
+        raise ValueError(f"Cannot load {model_class.__name__} from {source}: {error}") from error
+
+
 def build_model(model_args: ModelArguments) -> tuple[CLIPRCForSemanticSegmentation, Any]:
     """The model to train and its tokenizer (or `None`)."""
     overrides = _parse_config_overrides(model_args.config_overrides)
@@ -742,9 +759,7 @@ def build_model(model_args: ModelArguments) -> tuple[CLIPRCForSemanticSegmentati
     if model_args.clip_model_name_or_path is not None:
         if model_args.preset is None:
             raise ValueError("Starting from CLIP needs --preset (one of " + ", ".join(PRESETS) + ").")
-        clip = transformers.CLIPModel.from_pretrained(
-            model_args.clip_model_name_or_path, cache_dir=model_args.cache_dir
-        )
+        clip = _load_pretrained(transformers.CLIPModel, model_args.clip_model_name_or_path, model_args.cache_dir)
         values = dict(overrides)
         if model_args.crop_size is not None:
             values["crop_size"] = model_args.crop_size
@@ -768,7 +783,7 @@ def build_model(model_args: ModelArguments) -> tuple[CLIPRCForSemanticSegmentati
         del clip
         return model, tokenizer
 
-    model = CLIPRCForSemanticSegmentation.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    model = _load_pretrained(CLIPRCForSemanticSegmentation, model_args.model_name_or_path, model_args.cache_dir)
     config = model.config
     if model_args.preset is not None:
         _apply_preset(config, model_args.preset)

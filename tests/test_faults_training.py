@@ -216,3 +216,23 @@ def test_resuming_with_a_changed_recipe_names_the_change(tiny_clip_dir, dataset_
     result = training.train(resume_args(tiny_clip_dir, dataset_dir, output_dir, "--max_steps", "3", "--logging_steps",
                                         "2", "--dataloader_num_workers", "0", "--checkpoints_total_limit", "1"))
     assert result["global_step"] == 3 and [path.name for path in list_checkpoints(output_dir)] == ["checkpoint-3"]
+
+
+# ---- the starting model ---------------------------------------------------------------------------------------------
+
+
+def test_a_broken_starting_model_folder_is_named(dataset_dir, tmp_path):
+    from .conftest import tiny_model
+
+    folder = tmp_path / "start"
+    tiny_model().save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    args = ["--model_name_or_path", str(folder), "--dataset", str(dataset_dir), "--output_dir", str(tmp_path / "out"),
+            "--max_steps", "1", "--per_device_train_batch_size", "1"]  # fmt: skip
+    with pytest.raises(ValueError, match=f"Weight file {re.escape(str(weights))} is truncated or corrupt"):
+        training.train(args)
+    reset_accelerate()
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=f"{re.escape(str(folder))} holds no config.json"):
+        training.train(args)
