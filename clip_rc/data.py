@@ -188,9 +188,11 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def as_rgb_image(image: PIL.Image.Image, name: str = "image") -> PIL.Image.Image:
-    """An RGB image with 8 bits per channel (`name`, e.g. "image file x.png", names it in errors). 16-bit grayscale is scaled (0..65535 -> 0..255, where PIL's own
-    conversion would clip every value above 255); 32-bit integer or float pixels, whose range is unknown, are
-    refused with a message naming the file."""
+    """
+    `image` as RGB with 8 bits per channel. 16-bit grayscale is scaled (0..65535 -> 0..255, where PIL's own
+    conversion clips every value above 255); 32-bit integer or float pixels, whose range is unknown, are refused with
+    a message naming `name` (e.g. "image file x.png").
+    """
     if image.mode in _SIXTEEN_BIT_MODES:
         image = PIL.Image.fromarray(_scale_to_8_bits(np.asarray(image)), mode="L")
     elif image.mode in ("I", "F"):
