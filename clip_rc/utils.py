@@ -17,6 +17,8 @@ import torch
 __all__ = [
     "check_model_folder",
     "json_ready",
+    "load_clip_rc_config",
+    "missing_weights",
     "launched_without_accelerator",
     "non_finite_tensors",
     "setup_logging",
@@ -144,3 +146,33 @@ def check_model_folder(path: str | os.PathLike) -> Path:
         except (SafetensorError, OSError) as error:
             raise ValueError(f"Weight file {weight_file} is truncated or corrupt ({error}).") from error
     return folder
+
+
+def load_clip_rc_config(path: str | os.PathLike):
+    """
+    A [`CLIPRCConfig`] from a `config.json` file or a model folder holding one, with errors that name the file: a
+    missing file, invalid JSON or an invalid value (the config's own message names the field and the value).
+    """
+    from .configuration_clip_rc import CLIPRCConfig
+
+    path = Path(path)
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        where = f"{path} holds no config.json" if path.is_dir() else f"{path} does not exist"
+        raise FileNotFoundError(f"No CLIP-RC configuration: {where}.")
+    try:
+        return CLIPRCConfig.from_json_file(str(config_file))
+    except (UnicodeDecodeError, ValueError, TypeError) as error:  # invalid JSON is a ValueError too
+        raise ValueError(f"{config_file} is not a valid CLIP-RC configuration: {error}") from error
+
+
+def missing_weights(folder: str | os.PathLike, model: torch.nn.Module) -> list[str]:
+    """Names of the state-dict entries of `model` that the safetensors files of `folder` do not hold: those a
+    `from_pretrained` of the folder initialised afresh instead of loading."""
+    from safetensors import safe_open
+
+    stored = set()
+    for weight_file in Path(folder).glob("*.safetensors"):
+        with safe_open(str(weight_file), framework="pt") as handle:
+            stored.update(handle.keys())
+    return sorted(set(model.state_dict()) - stored)
