@@ -557,9 +557,9 @@ def save_iou_plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Entry point of `eval.py` / `clip-rc-eval`. Returns the results (as written to metrics.json, on every process);
-    exits with a non-zero status when `--cross_check_evaluate` finds a difference."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `eval.py` / `clip-rc-eval`. Writes the results to metrics.json and returns the exit status, 0 on
+    success; exits with a non-zero status when `--cross_check_evaluate` finds a difference."""
     from accelerate import Accelerator
 
     args = parse_args(argv)
@@ -658,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             logger.info(f"Wrote {save_iou_plot(results, output_dir / 'per_class_iou.png')}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return record
+    return 0
 
 
 if __name__ == "__main__":

@@ -348,8 +348,8 @@ def _output_stems(paths: Sequence[str]) -> list[str]:
     return stems
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Entry point of `clip-rc-predict`; returns one record per image (paths written, classes present)."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `clip-rc-predict`; returns the exit status, 0 on success."""
     from tqdm.auto import tqdm
 
     parser = build_parser()
@@ -396,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             {"image": str(path), "label_map": str(label_path), "overlay": str(overlay_path), "classes": fractions}
         )
         logger.info(f"{path}: " + ", ".join(f"{name} {100 * share:.1f}%" for name, share in fractions.items()))
-    return records
+    return 0
 
 
 if __name__ == "__main__":

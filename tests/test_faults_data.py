@@ -12,12 +12,7 @@ import pytest
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
-from clip_rc.data import (
-    SegmentationDecoder,
-    SegmentationEvalTransform,
-    SegmentationTrainTransform,
-    load_segmentation_dataset,
-)
+from clip_rc.data import SegmentationDecoder, SegmentationTrainTransform, load_segmentation_dataset
 
 from .test_data import make_coco_tree, make_voc_tree
 
@@ -48,22 +43,31 @@ def test_a_16_bit_grayscale_image_is_scaled_to_8_bits_not_clipped(tmp_path):
         np.testing.assert_array_equal(pixels[..., channel], EIGHT_BIT)
 
 
+def identity_augment(image, label):
+    """The training transform with every random step fixed to identity (scale 1, whole image, no flip, no
+    photometric distortion, no normalisation): its output pixels are its 8-bit input."""
+    height, width = np.asarray(label).shape
+    transform = SegmentationTrainTransform(
+        crop_size=(height, width), scale=(max(height, width), min(height, width)), ratio_range=(1.0, 1.0),
+        cat_max_ratio=1.0, flip_prob=0.0, photometric=False, image_mean=(0, 0, 0), image_std=(1, 1, 1),
+    )  # fmt: skip
+    return transform.augment(image, label, np.random.default_rng(0))
+
+
 def test_16_bit_arrays_are_scaled_and_other_pixel_types_refused():
     label = np.zeros(SIXTEEN_BIT.shape, np.uint8)
-    scaled = SegmentationEvalTransform(shortest_edge=2, image_mean=(0, 0, 0), image_std=(1, 1, 1))(
-        {"image": [np.repeat(SIXTEEN_BIT[..., None], 3, axis=-1)], "label": [label]}
-    )
-    np.testing.assert_array_equal(scaled["pixel_values"][0][0].numpy(), EIGHT_BIT)
-    # Integers in [0, 255] of a wider type are fine; floats and out-of-range integers are not wrapped around.
-    SegmentationEvalTransform()({"image": [np.full((4, 4, 3), 200, np.int64)], "label": [np.zeros((4, 4), np.uint8)]})
-    for bad in (np.full((4, 4, 3), 0.5, np.float32), np.full((4, 4, 3), 300, np.int32)):
+    pixel_values, _ = identity_augment(np.repeat(SIXTEEN_BIT[..., None], 3, axis=-1), label)
+    np.testing.assert_array_equal(pixel_values[0].numpy(), EIGHT_BIT)
+    pixel_values, _ = identity_augment(PIL.Image.fromarray(SIXTEEN_BIT), label)  # a 16-bit PIL image too
+    np.testing.assert_array_equal(pixel_values[1].numpy(), EIGHT_BIT)
+    # Integers in [0, 255] of a wider type are fine; floats and out-of-range integers are never wrapped around.
+    pixel_values, _ = identity_augment(np.full((2, 4, 3), 200, np.int64), label)
+    assert bool((pixel_values == 200).all())
+    for bad in (np.full((2, 4, 3), 0.5, np.float32), np.full((2, 4, 3), 300, np.int32)):
         with pytest.raises(ValueError, match=f"got an array of dtype {bad.dtype}"):
-            SegmentationEvalTransform()({"image": [bad], "label": [np.zeros((4, 4), np.uint8)]})
+            identity_augment(bad, label)
     with pytest.raises(ValueError, match=r"Label values must lie in \[0, 255\], got \[0, 300\]"):
-        SegmentationTrainTransform(crop_size=4).augment(
-            np.zeros((4, 4, 3), np.uint8), np.array([[0, 300], [1, 2]]).repeat(2, 0).repeat(2, 1),
-            np.random.default_rng(0),
-        )  # fmt: skip
+        identity_augment(np.zeros((2, 4, 3), np.uint8), np.array([[0, 300, 1, 2], [0, 0, 0, 0]]))
 
 
 def test_32_bit_float_pixels_are_refused_naming_the_file(tmp_path):
