@@ -207,7 +207,9 @@ def format_table(results: list[dict], peaks: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run_benchmark(argv: list[str] | None = None) -> dict:
+    """Time the cases of the command line `argv` (see `--help`); prints the table and returns the report (also
+    written to `--json`)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="*", default=[case[0] for case in DEFAULT_CASES],
                         help="any of " + ", ".join(case[0] for case in DEFAULT_CASES))
@@ -265,5 +267,11 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`clip-rc-benchmark`: see [`run_benchmark`]; returns the exit status, 0 on success (errors raise)."""
+    run_benchmark(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

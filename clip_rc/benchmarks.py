@@ -32,6 +32,7 @@ that [`clip_rc.data.load_segmentation_dataset`] returns (255 is the ignore index
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from string import Formatter
 
 
 __all__ = [
@@ -39,18 +40,73 @@ __all__ = [
     "BENCHMARKS",
     "COCO_STUFF_TEMPLATES",
     "VOC_TEMPLATES",
+    "check_class_names",
     "check_templates",
     "get_benchmark",
 ]
 
 
+def _template_problem(template) -> str | None:
+    """Why `template` is not a prompt template with exactly one `{}` slot and no other replacement field, or None."""
+    if not isinstance(template, str):
+        return f"is of type {type(template).__name__}, not a string"
+    try:
+        parsed = list(Formatter().parse(template))
+    except ValueError as error:  # an unmatched brace
+        return f"is not a valid format string ({error}; write a literal brace as '{{{{' or '}}}}')"
+    fields = [(name, conversion, spec) for _, name, spec, conversion in parsed if name is not None]
+    slots = [field for field in fields if field == ("", None, "")]
+    others = [
+        "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        for name, conversion, spec in fields
+        if (name, conversion, spec) != ("", None, "")
+    ]
+    if others:
+        return f"has replacement field(s) {', '.join(others)}; only one '{{}}' for the class name is allowed"
+    if len(slots) != 1:
+        return f"has {len(slots)} '{{}}' slots; it needs exactly one, for the class name"
+    return None
+
+
 def check_templates(templates: str | Sequence[str], field: str = "templates") -> tuple[str, ...]:
-    """The prompt templates as a tuple; `ValueError` naming `field` unless there is at least one and each holds
-    exactly one `{}` slot for the class name."""
+    """
+    The prompt templates as a tuple. Raises a `ValueError` naming `field` and the template unless there is at least
+    one template and each holds exactly one `{}` slot for the class name and no other replacement field (`"a photo"`,
+    `"a {} and {}"` and `"a {} of {kind}"` are refused; a literal brace is written `{{` / `}}`).
+    """
+    if templates is None or (not isinstance(templates, str) and not isinstance(templates, Sequence)):
+        raise ValueError(f"`{field}` must be a template string or a list of them, got {templates!r}.")
     templates = (templates,) if isinstance(templates, str) else tuple(templates)
-    if not templates or any(template.count("{}") != 1 for template in templates):
-        raise ValueError(f"`{field}` needs at least one template, each with exactly one '{{}}' slot; got {templates}.")
+    if not templates:
+        raise ValueError(f"`{field}` needs at least one prompt template with one '{{}}' slot for the class name.")
+    for template in templates:
+        problem = _template_problem(template)
+        if problem is not None:
+            raise ValueError(f"`{field}`: the template {template!r} {problem}.")
     return templates
+
+
+def check_class_names(class_names: Sequence[str], field: str = "class names") -> tuple[str, ...]:
+    """
+    The class names as a tuple. Raises a `ValueError` naming `field` and the offending names unless there is at least
+    one name and every name is a non-blank string that no other class uses (a repeated name would give two classes
+    one `label2id` entry).
+    """
+    if isinstance(class_names, str) or not isinstance(class_names, Sequence):
+        raise ValueError(f"`{field}` must be a list of class names, got {class_names!r}.")
+    class_names = tuple(class_names)
+    if not class_names:
+        raise ValueError(f"`{field}` must name at least one class.")
+    not_strings = [name for name in class_names if not isinstance(name, str)]
+    if not_strings:
+        raise ValueError(f"`{field}` must hold strings; got {not_strings[:10]}.")
+    blank = [index for index, name in enumerate(class_names) if not name.strip()]
+    if blank:
+        raise ValueError(f"`{field}`: the class(es) at position(s) {blank[:10]} have an empty name.")
+    repeated = sorted({name for name in class_names if class_names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"`{field}` must not repeat a class name; repeated: {repeated[:10]}.")
+    return class_names
 
 
 @dataclass(frozen=True)
@@ -83,9 +139,7 @@ class Benchmark:
     ignore_index: int = 255
 
     def __post_init__(self):
-        num_classes = len(self.class_names)
-        if len(set(self.class_names)) != num_classes:
-            raise ValueError(f"Benchmark {self.name!r} has duplicate class names.")
+        num_classes = len(check_class_names(self.class_names, field=f"class names of benchmark {self.name!r}"))
         if len(self.palette) != num_classes:
             raise ValueError(
                 f"Benchmark {self.name!r} has {len(self.palette)} palette colours for {num_classes} classes."

@@ -1,11 +1,17 @@
 """CLIP-RC model configuration."""
 
 import copy
+import inspect
+import math
+import numbers
+import types
+import typing
+from collections.abc import Mapping
 
 from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.utils import logging
 
-from .benchmarks import check_templates, get_benchmark
+from .benchmarks import check_class_names, check_templates, get_benchmark
 
 
 logger = logging.get_logger(__name__)
@@ -43,6 +49,51 @@ CUSTOM_PIPELINES = {
 # OpenAI's ViT-B/16 image tower, the backbone of every reference recipe.
 _VIT_B_16 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
              "patch_size": 16, "image_size": 224, "projection_dim": 512}
+
+# Sizes of the CLIP towers that must be positive integers (checked before the tower configs divide by them).
+_TOWER_SIZES = {
+    "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size",
+                      "image_size", "num_channels"),
+    "text_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                    "max_position_embeddings"),
+}
+# Fields of this config with the smallest value they may take (other range rules live in `_validate`).
+_MINIMUM_VALUES = {
+    "projection_dim": 1, "crop_size": 1, "num_prompt_tokens": 1, "decoder_hidden_size": 1,
+    "decoder_num_attention_heads": 1, "decoder_num_layers": 1, "decoder_intermediate_size": 1,
+    "recovery_num_layers": 0, "focal_gamma": 0.0, "mask_loss_weight": 0.0, "dice_loss_weight": 0.0,
+    "recovery_loss_weight": 0.0,
+}
+_PROBABILITIES = ("prompt_dropout", "decoder_dropout", "decoder_attention_dropout", "focal_alpha")
+
+
+def _matches_annotation(value, annotation) -> bool:
+    """`isinstance` for the annotations of the config fields, with JSON's number rules: an integer (Python or NumPy) is
+    a valid float, a bool is not a number, and a tuple is a valid list."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches_annotation(value, option) for option in typing.get_args(annotation))
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        return isinstance(value, (list, tuple)) and all(_matches_annotation(item, item_type) for item in value)
+    if annotation is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if annotation is type(None):
+        return value is None
+    return isinstance(value, annotation) if isinstance(annotation, type) else True
+
+
+def _check_tower_sizes(name: str, tower) -> None:
+    """Positive integer sizes of a CLIP tower config (a dict or a config object), errors naming field and value."""
+    values = tower if isinstance(tower, Mapping) else vars(tower)
+    for key in _TOWER_SIZES[name]:
+        if key not in values:
+            continue
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}.{key}` must be a positive integer, got {value!r}.")
 
 
 class CLIPRCConfig(PreTrainedConfig):
@@ -146,6 +197,10 @@ class CLIPRCConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.vision_config is None:
             self.vision_config = CLIPVisionConfig(**_VIT_B_16)
+        # Before the tower configs are built: they divide by some of these sizes.
+        for name in _TOWER_SIZES:
+            if isinstance(getattr(self, name), Mapping):
+                _check_tower_sizes(name, getattr(self, name))
         if self.id2label is None and kwargs.get("num_labels") is None:
             voc = get_benchmark("voc")
             self.id2label = dict(enumerate(voc.class_names))
@@ -154,21 +209,60 @@ class CLIPRCConfig(PreTrainedConfig):
                 self.seen_class_ids = list(voc.seen_class_ids)
         if self.prompt_templates is None:
             self.prompt_templates = ["a photo of a {}"]
+        elif isinstance(self.prompt_templates, str):
+            self.prompt_templates = [self.prompt_templates]
+        elif isinstance(self.prompt_templates, tuple):
+            self.prompt_templates = list(self.prompt_templates)
         if self.seen_score_bias is None and self.setting in SETTINGS:
             self.seen_score_bias = _SEEN_SCORE_BIAS[self.setting]
         super().__post_init__(**kwargs)
         if self.label2id is None or len(self.label2id) != len(self.id2label):
             self.label2id = {name: index for index, name in self.id2label.items()}
-        self.prompt_templates = list(self.prompt_templates)
         if not getattr(self, "custom_pipelines", None):
             self.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
-        if self.seen_class_ids is not None:
+        if self.seen_class_ids is not None and _matches_annotation(self.seen_class_ids, list[int]):
             self.seen_class_ids = [int(class_id) for class_id in self.seen_class_ids]
         self._validate()
 
     def _validate(self):
+        self._check_field_types_and_ranges()
+        check_class_names(self.class_names, field="id2label")
         if self.setting not in SETTINGS:
             raise ValueError(f"`setting` must be one of {SETTINGS}, got {self.setting!r}.")
+        for name in _TOWER_SIZES:
+            _check_tower_sizes(name, getattr(self, name))
+        self._check_grid()
+        if self.decoder_hidden_size % self.decoder_num_attention_heads != 0:
+            raise ValueError(
+                f"`decoder_hidden_size` ({self.decoder_hidden_size}) must be a multiple of "
+                f"`decoder_num_attention_heads` ({self.decoder_num_attention_heads})."
+            )
+        check_templates(self.prompt_templates, field="prompt_templates")
+        self._check_split()
+
+    def _check_field_types_and_ranges(self):
+        """Every field of this config holds a value of its annotated type, in range; errors name field and value."""
+        hints = inspect.get_annotations(CLIPRCConfig, eval_str=True)
+        for name in hints:
+            value = getattr(self, name)
+            if not _matches_annotation(value, hints[name]):
+                annotation = getattr(hints[name], "__name__", None) or str(hints[name])
+                raise ValueError(f"`{name}` must be of type {annotation}, got {value!r}.")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        for name, minimum in _MINIMUM_VALUES.items():
+            if getattr(self, name) < minimum:
+                raise ValueError(f"`{name}` must be at least {minimum}, got {getattr(self, name)!r}.")
+        for name in _PROBABILITIES:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"`{name}` must lie in [0, 1], got {getattr(self, name)!r}.")
+        if sorted(self.id2label) != list(range(len(self.id2label))):
+            raise ValueError(f"`id2label` must be keyed 0 .. num_labels - 1, got keys {sorted(self.id2label)[:10]}.")
+        if 0 <= self.ignore_index < self.num_labels:
+            raise ValueError(f"`ignore_index` ({self.ignore_index}) must not be a class id (0 .. {self.num_labels - 1}).")
+
+    def _check_grid(self):
+        """Crop, patch grid, region grid and sliding windows fit together."""
         patch_size = self.vision_config.patch_size
         if self.crop_size % patch_size != 0:
             raise ValueError(
@@ -185,14 +279,9 @@ class CLIPRCConfig(PreTrainedConfig):
             raise ValueError(
                 f"`sliding_window_stride` must be in [1, crop_size={self.crop_size}], got {self.sliding_window_stride}."
             )
-        if self.num_prompt_tokens < 1:
-            raise ValueError(f"`num_prompt_tokens` must be at least 1, got {self.num_prompt_tokens}.")
-        if self.decoder_hidden_size % self.decoder_num_attention_heads != 0:
-            raise ValueError(
-                f"`decoder_hidden_size` ({self.decoder_hidden_size}) must be a multiple of "
-                f"`decoder_num_attention_heads` ({self.decoder_num_attention_heads})."
-            )
-        check_templates(self.prompt_templates, field="prompt_templates")
+
+    def _check_split(self):
+        """The zero-shot split names existing classes, and the setting can use it."""
         if self.seen_class_ids is not None:
             out_of_range = [i for i in self.seen_class_ids if not 0 <= i < self.num_labels]
             if out_of_range:

@@ -7,7 +7,8 @@ OpenAI's CLIP checkpoints and this library.
 - [`to_original_state_dict`] / [`save_original_checkpoint`]: the inverse, so that a model trained here runs in the
   reference code.
 - [`load_openai_clip`]: OpenAI's `ViT-B-16.pt` (TorchScript archive or plain state dict) -> `transformers.CLIPModel`,
-  to start training with `CLIPRCForSemanticSegmentation.from_clip(load_openai_clip(path), config)`.
+  to start training with `CLIPRCForSemanticSegmentation.from_clip(load_openai_clip(path), config)`; archives are read
+  by [`read_torchscript_tensors`], which runs nothing from the file (unlike `torch.jit.load`).
 - [`main`]: the `clip-rc-convert` command line (also `python -m clip_rc.convert_original`).
 
 Name mapping (reference -> library), `{i}` a layer index; the towers' library names are those of the base model
@@ -38,7 +39,9 @@ OpenAI's layout is the same for the two towers with prefixes `visual.` and `` (p
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
+import io
 import math
 import os
 import pickle
@@ -60,6 +63,7 @@ from .configuration_clip_rc import PRESETS, CLIPRCConfig
 from .image_processing_clip_rc import CLIPRCImageProcessor
 from .modeling_clip_rc import CLIPRCForSemanticSegmentation
 from .processing_clip_rc import CLIPRCProcessor
+from .utils import check_model_folder, load_clip_rc_config, missing_weights, non_finite_tensors
 
 
 logger = logging.get_logger(f"{__package__ or 'clip_rc'}.convert_original")  # also when run as __main__
@@ -76,6 +80,7 @@ __all__ = [
     "openai_to_hub_state_dict",
     "load_checkpoint_file",
     "read_original_architecture",
+    "read_torchscript_tensors",
     "main",
 ]
 
@@ -290,6 +295,15 @@ def _from_library(state: Mapping[str, torch.Tensor], layout: Layout) -> dict[str
 def _listing(items: list[str], limit: int = 20) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _refuse_non_finite(state: Mapping[str, torch.Tensor], origin: str):
+    """A checkpoint whose weights hold NaN or infinity (e.g. from a diverged run) is not converted."""
+    bad = non_finite_tensors(state)
+    if bad:
+        raise CheckpointConversionError(
+            f"{origin} holds NaN or infinite values in {len(bad)} tensors: {_listing(bad)}. Refusing to convert it."
+        )
 
 
 # ---- reading checkpoint files --------------------------------------------------------------------------------------
@@ -633,6 +647,7 @@ def _convert_original(
     decoder_num_heads=None,
 ) -> tuple[CLIPRCForSemanticSegmentation, ConversionSummary]:
     state, meta, origin = _load_state(path, "reference")
+    _refuse_non_finite(state, origin)
     summary = ConversionSummary(origin=origin, meta=meta)
     if config is None:
         if preset is None:
@@ -667,6 +682,8 @@ def _convert_original(
 
     if class_embeddings is not None:
         embeddings = _read_class_embeddings(class_embeddings).detach().float()
+        source = "the given" if isinstance(class_embeddings, torch.Tensor) else f"the file {class_embeddings} of"
+        _refuse_non_finite({"class_embeddings": embeddings}, f"{source} class embeddings")
         model.set_class_embeddings(embeddings)
         if torch.allclose(embeddings.norm(dim=-1), torch.ones(()), atol=1e-4):
             # Already unit length (as the reference's .npy files): keep the exact values the reference uses.
@@ -752,6 +769,7 @@ def save_original_checkpoint(
     """
     path = Path(path)
     config = model.config
+    _refuse_non_finite(model.state_dict(), f"the model {getattr(config, 'name_or_path', '') or '(in memory)'}")
     meta = {
         "CLASSES": tuple(config.class_names),
         "seen_class_ids": list(config.resolved_seen_class_ids),
@@ -784,10 +802,137 @@ def _atomic_write(path: Path, write, suffix: str = "") -> None:
             temporary.unlink()
 
 
+# ---- TorchScript archives, tensors only -----------------------------------------------------------------------------
+
+# Storage types a TorchScript archive's data.pkl names, and the dtypes of their bytes.
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "DoubleStorage": torch.float64,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}  # fmt: skip
+_DECLARED_STATE = re.compile(r"^class (\w+)\(Module\):\n((?:  .*\n)*)", re.MULTILINE)
+_DECLARED_NAMES = re.compile(r"^  __(parameters|buffers)__ = \[(.*)\]$", re.MULTILINE)
+
+
+class _ScriptObject:
+    """A module of a TorchScript archive rebuilt as plain data: its class name (a subclass per class of the archive)
+    and its attributes."""
+
+    qualified_name = ""
+    attributes: dict = {}
+
+    def __setstate__(self, state):
+        self.attributes = dict(state) if isinstance(state, Mapping) else {}
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    return torch.as_strided(storage, size, stride, offset).clone()
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+    """Unpickles a TorchScript archive's data.pkl into [`_ScriptObject`]s and tensors; any other global (any code)
+    is refused."""
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str, origin: str):
+        super().__init__(io.BytesIO(archive.read(f"{prefix}data.pkl")))
+        self.archive, self.prefix, self.origin = archive, prefix, origin
+        self.script_classes: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str):
+        if module == "__torch__" or module.startswith("__torch__."):
+            qualified_name = f"{module}.{name}"
+            if qualified_name not in self.script_classes:
+                self.script_classes[qualified_name] = type(
+                    "ScriptObject", (_ScriptObject,), {"qualified_name": qualified_name}
+                )
+            return self.script_classes[qualified_name]
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise pickle.UnpicklingError(f"{self.origin} references {module}.{name}, which a tensor archive does not need")
+
+    def persistent_load(self, record):
+        kind, dtype, key, _location, numel = record
+        if kind != "storage" or not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError(f"{self.origin}: unknown storage record {record!r}")
+        data = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+        return torch.frombuffer(data, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+
+
+def _declared_state_names(archive: zipfile.ZipFile, prefix: str) -> dict[str, set[str]]:
+    """Qualified class name -> names of its parameters and buffers, as the archive's code declares them (read as
+    text, never run)."""
+    declared = {}
+    for entry in archive.namelist():
+        if not (entry.startswith(f"{prefix}code/") and entry.endswith(".py")):
+            continue
+        module = entry[len(f"{prefix}code/") : -len(".py")].replace("/", ".")
+        for class_name, body in _DECLARED_STATE.findall(archive.read(entry).decode("utf-8", errors="replace")):
+            names = set()
+            for _, listed in _DECLARED_NAMES.findall(body):
+                names.update(name.strip().strip("\"'") for name in listed.split(",") if name.strip())
+            declared[f"{module}.{class_name}"] = names
+    return declared
+
+
+def _collect_state(node: _ScriptObject, declared: dict[str, set[str]], prefix: str, state: dict):
+    """The parameters and buffers of `node` and its submodules, named as `state_dict()` names them."""
+    state_names = declared.get(node.qualified_name)
+    for name, value in node.attributes.items():
+        if isinstance(value, _ScriptObject):
+            _collect_state(value, declared, f"{prefix}{name}.", state)
+        elif isinstance(value, torch.Tensor) and (state_names is None or name in state_names):
+            state[f"{prefix}{name}"] = value
+
+
+def _archive_prefix(archive: zipfile.ZipFile, origin: str) -> str:
+    """The top folder of a TorchScript archive (`ViT-B-16/` ...), after checking it holds tensors this machine
+    reads as stored."""
+    prefixes = [name[: -len("data.pkl")] for name in archive.namelist() if name.endswith("/data.pkl")]
+    prefixes = [prefix for prefix in prefixes if prefix.count("/") == 1]
+    if len(prefixes) != 1:
+        raise CheckpointConversionError(f"{origin} has {len(prefixes)} top-level data.pkl files, not one.")
+    byteorder_file = f"{prefixes[0]}byteorder"
+    byteorder = archive.read(byteorder_file).decode().strip() if byteorder_file in archive.namelist() else "little"
+    if byteorder != sys.byteorder:
+        raise CheckpointConversionError(f"{origin} stores {byteorder}-endian tensors, this machine reads "
+                                        f"{sys.byteorder}-endian ones.")  # fmt: skip
+    return prefixes[0]
+
+
+def read_torchscript_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """
+    The parameters and buffers of a TorchScript archive (e.g. OpenAI's `ViT-B-16.pt`), named as its `state_dict()`
+    names them, read without running anything from the archive: its `data.pkl` is unpickled by an unpickler that only
+    rebuilds tensors and plain module records (any other global is refused), and which attributes are parameters or
+    buffers is read from the class declarations of its code, as text. `torch.jit.load` instead compiles the
+    archive's TorchScript code and runs parts of it while loading.
+    """
+    path = Path(path)
+    origin = f"TorchScript archive {path}"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            prefix = _archive_prefix(archive, origin)
+            root = _TensorsOnlyUnpickler(archive, prefix, origin).load()
+            declared = _declared_state_names(archive, prefix)
+    except CheckpointConversionError:
+        raise
+    except (zipfile.BadZipFile, OSError, KeyError, EOFError, pickle.UnpicklingError, ValueError, RuntimeError) as error:
+        raise CheckpointConversionError(f"Cannot read the tensors of {origin}: {error}") from error
+    if not isinstance(root, _ScriptObject):
+        raise CheckpointConversionError(f"{origin} holds a {type(root).__name__}, not a module.")
+    state: dict[str, torch.Tensor] = {}
+    _collect_state(root, declared, "", state)
+    return state
+
+
 # ---- OpenAI CLIP -----------------------------------------------------------------------------------------------
 
 
-def _read_openai_state(path_or_state_dict) -> tuple[dict[str, torch.Tensor], str]:
+def _read_openai_state(path_or_state_dict, trust_torchscript: bool = False) -> tuple[dict[str, torch.Tensor], str]:
     if isinstance(path_or_state_dict, Mapping):
         state, _ = _extract_state_dict(path_or_state_dict, "the given OpenAI CLIP state dict")
         return state, "the given OpenAI CLIP state dict"
@@ -795,14 +940,16 @@ def _read_openai_state(path_or_state_dict) -> tuple[dict[str, torch.Tensor], str
     origin = f"OpenAI CLIP checkpoint {path}"
     if not path.is_file():
         raise FileNotFoundError(f"{origin} does not exist (or is not a file).")
-    if _is_torchscript_archive(path):
-        # OpenAI's released files are TorchScript archives (fp16); their state dict holds the weights.
+    if not _is_torchscript_archive(path):
+        state, _ = _extract_state_dict(load_checkpoint_file(path), origin)
+    elif not trust_torchscript:
+        # OpenAI's released files are TorchScript archives (fp16); their parameters hold the weights.
+        state = read_torchscript_tensors(path)
+    else:
         try:
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
         except RuntimeError as error:
             raise CheckpointConversionError(f"Cannot read the TorchScript archive {path}: {error}") from error
-    else:
-        state, _ = _extract_state_dict(load_checkpoint_file(path), origin)
     return dict(state), origin
 
 
@@ -819,17 +966,26 @@ def openai_to_hub_state_dict(
 
 
 def load_openai_clip(
-    path_or_state_dict, vision_num_heads: int | None = None, text_num_heads: int | None = None
+    path_or_state_dict,
+    vision_num_heads: int | None = None,
+    text_num_heads: int | None = None,
+    trust_torchscript: bool = False,
 ) -> CLIPModel:
     """
     OpenAI's CLIP weights (the TorchScript archive `ViT-B-16.pt` as released, or a plain state dict of its layout,
     as a file or a dict) as a float32 `transformers.CLIPModel`, equal to the same weights in the Hub's format.
 
+    A TorchScript archive is read with [`read_torchscript_tensors`], which runs nothing from the file;
+    `trust_torchscript=True` reads it with `torch.jit.load` instead, which compiles and runs the archive's code (only
+    for files you trust like a program). A state dict file is loaded with `weights_only=True`. Non-finite weights
+    are refused, naming the tensors.
+
     The architecture is read from the tensors as OpenAI's `build_model` does; head counts are width / 64 (OpenAI's
     rule) unless given. Start CLIP-RC training from it with
     `CLIPRCForSemanticSegmentation.from_clip(load_openai_clip("ViT-B-16.pt"), config, processor=processor)`.
     """
-    state, origin = _read_openai_state(path_or_state_dict)
+    state, origin = _read_openai_state(path_or_state_dict, trust_torchscript)
+    _refuse_non_finite(state, origin)
     state = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in state.items()}
     if "visual.proj" not in state and any(name.startswith("visual.layer1.") for name in state):
         raise CheckpointConversionError(f"{origin} is a ResNet CLIP; only ViT image towers are supported.")
@@ -880,7 +1036,8 @@ def atomic_output_dir(target: str | os.PathLike):
     """
     Yield a fresh temporary sibling of `target` to write into; on success it replaces `target` (an existing folder
     is swapped out and removed only after the new one is in place); on failure it is deleted and `target` is left
-    untouched.
+    untouched. An existing folder holding files the new one does not (a user's files, another model's) is never
+    replaced: that is an error listing them.
     """
     target = Path(target)
     if target.exists() and not target.is_dir():
@@ -891,6 +1048,13 @@ def atomic_output_dir(target: str | os.PathLike):
     temporary.mkdir()
     try:
         yield temporary
+        if target.exists():
+            extra = sorted({entry.name for entry in target.iterdir()} - {entry.name for entry in temporary.iterdir()})
+            if extra:
+                raise FileExistsError(
+                    f"{target} already holds files this conversion does not write ({_listing(extra, 10)}); replacing "
+                    "the folder would delete them. Move them away or choose another output folder."
+                )
         backup = None
         if target.exists():
             backup = target.with_name(f".{target.name}.old-{token}")
@@ -954,11 +1118,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_config(path) -> CLIPRCConfig:
-    path = Path(path)
-    if path.is_file():
-        return CLIPRCConfig.from_json_file(str(path))
-    return CLIPRCConfig.from_pretrained(str(path), local_files_only=True)
 
 
 def _load_tokenizer(path):
@@ -1005,7 +1164,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main_from_original(args) -> int:
-    config = _load_config(args.config) if args.config else None
+    config = load_clip_rc_config(args.config) if args.config else None
     tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
     heads = {"vision_num_heads": args.vision_heads, "text_num_heads": args.text_heads,
              "decoder_num_heads": args.decoder_heads}
@@ -1031,7 +1190,17 @@ def _main_from_original(args) -> int:
 
 
 def _main_to_original(args) -> int:
-    model = CLIPRCForSemanticSegmentation.from_pretrained(args.checkpoint, local_files_only=True)
+    check_model_folder(args.checkpoint)
+    try:
+        model = CLIPRCForSemanticSegmentation.from_pretrained(args.checkpoint, local_files_only=True)
+    except ValueError as error:  # e.g. a bad value in its config.json
+        raise ValueError(f"Cannot load the model folder {args.checkpoint}: {error}") from error
+    missing = missing_weights(args.checkpoint, model)
+    if missing:
+        raise CheckpointConversionError(
+            f"The weight files of {args.checkpoint} lack {len(missing)} tensors ({_listing(missing)}): converting it "
+            "would write freshly initialised values."
+        )
     output = Path(args.output_dir)
     if output.suffix not in (".pth", ".pt"):
         output = output / "model.pth"

@@ -48,6 +48,7 @@ mmcv compute; the HSV conversions of the photometric distortion follow OpenCV's 
 
 import io
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,7 @@ __all__ = [
     "REFERENCE_IMAGE_STD",
     "SegmentationDecoder",
     "SegmentationTrainTransform",
+    "as_rgb_image",
     "collate_fn",
     "coco_stuff_train_id_lut",
     "installed_decoder",
@@ -146,6 +148,11 @@ def _describe(item: Any, kind: str) -> str:
     return f"{kind} file {path}" if path else f"{kind} (in-memory {type(item).__name__})"
 
 
+def _printable(path: str | os.PathLike) -> str:
+    """A path for messages: bytes that are not UTF-8 (a file name in another encoding) shown as `\\xNN` escapes."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
 def _open_image(item: Any, kind: str) -> PIL.Image.Image:
     """Open and fully read an image given as a PIL image, an array, a path or a `datasets.Image` dict."""
     if isinstance(item, PIL.Image.Image):
@@ -159,12 +166,46 @@ def _open_image(item: Any, kind: str) -> PIL.Image.Image:
     if data is None and not (path and os.path.isfile(path)):
         raise FileNotFoundError(f"Missing {name}.")
     try:
-        image = PIL.Image.open(io.BytesIO(data) if data is not None else path)
-        # `load` decodes the pixels now, so that truncated files fail here, with their name.
-        image.load()
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(io.BytesIO(data) if data is not None else path)
+            # `load` decodes the pixels now, so that truncated files fail here, with their name.
+            image.load()
+    except PIL.Image.DecompressionBombError as error:
+        raise ValueError(
+            f"Refusing to decode {name}: {error} Raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted."
+        ) from error
+    except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"Cannot read {name}: the file is unreadable or truncated ({error}).") from error
+    for warning in caught:
+        logger.warning(f"{name}: {warning.message}")
     return image
+
+
+# PIL modes of 16-bit single-channel images (a 16-bit grayscale PNG or TIFF opens as one of them).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def as_rgb_image(image: PIL.Image.Image, name: str = "image") -> PIL.Image.Image:
+    """
+    `image` as RGB with 8 bits per channel. 16-bit grayscale is scaled (0..65535 -> 0..255, where PIL's own
+    conversion clips every value above 255); 32-bit integer or float pixels, whose range is unknown, are refused with
+    a message naming `name` (e.g. "image file x.png").
+    """
+    if image.mode in _SIXTEEN_BIT_MODES:
+        image = PIL.Image.fromarray(_scale_to_8_bits(np.asarray(image)), mode="L")
+    elif image.mode in ("I", "F"):
+        kind = "integer" if image.mode == "I" else "floating-point"
+        raise ValueError(
+            f"The {name} has 32-bit {kind} pixels (PIL mode {image.mode!r}), whose range is not defined; save it with "
+            "8 or 16 bits per channel."
+        )
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _scale_to_8_bits(values: np.ndarray) -> np.ndarray:
+    """16-bit values (0..65535) to the nearest 8-bit ones (0..255): round(v * 255 / 65535) = round(v / 257)."""
+    return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
 
 
 @dataclass
@@ -223,9 +264,9 @@ class SegmentationDecoder:
         return output
 
     def decode_image(self, item: Any) -> PIL.Image.Image:
-        """Open a stored image and convert it to RGB (grayscale, palette, RGBA, CMYK ... inputs)."""
-        image = _open_image(item, "image")
-        return image if image.mode == "RGB" else image.convert("RGB")
+        """Open a stored image and convert it to 8-bit RGB (grayscale, 16-bit grayscale, palette, RGBA, CMYK ...
+        inputs)."""
+        return as_rgb_image(_open_image(item, "image"), _describe(item, "image"))
 
     def decode_label(self, item: Any) -> PIL.Image.Image:
         """Open a stored label map and return it as a PIL "L" image of train ids (255 = ignore)."""
@@ -331,10 +372,21 @@ def _detect_layouts(root: Path) -> list[tuple[str, Path]]:
 
 
 def _read_split_file(split_file: Path) -> list[str]:
+    """The sample names of a split file, one a line (UTF-8; any other encoding is an error naming file and line)."""
     if not split_file.is_file():
         raise FileNotFoundError(f"Missing split file {split_file}.")
-    with open(split_file, encoding="utf-8") as handle:
-        return [line.strip() for line in handle if line.strip()]
+    names = []
+    for number, line in enumerate(split_file.read_bytes().splitlines(), start=1):
+        try:
+            name = line.decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"Line {number} of split file {split_file} is not valid UTF-8 ({line!r}: {error.reason} at byte "
+                f"{error.start}); write the split file, and name the files it lists, in UTF-8."
+            ) from error
+        if name:
+            names.append(name)
+    return names
 
 
 def _index_from_split_file(
@@ -436,11 +488,24 @@ def _path_features() -> datasets.Features:
     return datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Image(decode=False)})
 
 
+def _check_utf8_names(paths: Sequence[str]):
+    """Datasets stores paths as UTF-8 strings: a file name in another encoding is an error naming the file."""
+    for path in paths:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"The file name of {_printable(path)} is not valid UTF-8 (it is in another encoding); rename the file "
+                "(e.g. with `convmv`) to load it."
+            ) from error
+
+
 def _load_tree(layout: str, root: Path, splits: Sequence[str] | str | None) -> datasets.DatasetDict:
     indexer = _TREE_INDEXERS[layout]
     dataset_dict = {}
     for split in _select_splits(_TREE_SPLITS[layout], splits, str(root)):
         image_paths, label_paths = indexer(root, split)
+        _check_utf8_names(image_paths + label_paths)
         dataset_dict[split] = datasets.Dataset.from_dict(
             {"image": image_paths, "label": label_paths}, features=_path_features(), split=split
         )
@@ -612,10 +677,20 @@ def load_segmentation_dataset(
 
 
 def _as_arrays(image: Any, label: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, 3) uint8 RGB image and (H, W) uint8 label map from PIL images or arrays."""
+    """(H, W, 3) uint8 RGB image and (H, W) uint8 label map from PIL images or arrays. 16-bit images are scaled to
+    8 bits; other pixel types, and label values that do not fit 8 bits, are refused (never wrapped around)."""
     if isinstance(image, PIL.Image.Image):
-        image = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+        image = as_rgb_image(image, "image")
     image = np.asarray(image)
+    if image.dtype == np.uint16:
+        image = _scale_to_8_bits(image)
+    elif image.dtype != np.uint8:
+        if not np.issubdtype(image.dtype, np.integer) or (image.size and not 0 <= image.min() <= image.max() <= 255):
+            raise ValueError(
+                f"Expected 8-bit pixel values (uint8, uint16 scaled to 8 bits, or integers in [0, 255]), got an "
+                f"array of dtype {image.dtype}" + (f" in [{image.min()}, {image.max()}]." if image.size else ".")
+            )
+        image = image.astype(np.uint8)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
     if image.ndim != 3 or image.shape[-1] != 3:
@@ -625,7 +700,9 @@ def _as_arrays(image: Any, label: Any) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"Expected a label map of shape (H, W), got an array of shape {label.shape}.")
     if image.shape[:2] != label.shape:
         raise ValueError(f"Image {image.shape[:2]} and label map {label.shape} differ in size.")
-    return image.astype(np.uint8, copy=False), label.astype(np.uint8, copy=False)
+    if label.dtype != np.uint8 and label.size and not 0 <= int(label.min()) <= int(label.max()) <= 255:
+        raise ValueError(f"Label values must lie in [0, 255], got [{int(label.min())}, {int(label.max())}].")
+    return image, label.astype(np.uint8, copy=False)
 
 
 def random_crop_box(

@@ -23,7 +23,7 @@ from transformers.utils import logging
 
 from .configuration_clip_rc import PRESETS, CLIPRCConfig
 from .modeling_clip_rc import CLIPRCForSemanticSegmentation
-from .utils import write_json_atomic
+from .utils import load_clip_rc_config, write_json_atomic
 
 
 logger = logging.get_logger("clip_rc.flops")  # also when run as __main__
@@ -130,11 +130,8 @@ def _resolve_config(config_or_name) -> CLIPRCConfig:
     name = str(config_or_name)
     if name in PRESETS:
         return CLIPRCConfig.from_preset(name)
-    path = Path(name)
-    if path.is_file():
-        return CLIPRCConfig.from_json_file(str(path))
-    if path.is_dir():
-        return CLIPRCConfig.from_pretrained(str(path), local_files_only=True)
+    if Path(name).exists():
+        return load_clip_rc_config(name)
     raise ValueError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a config file or model folder.")
 
 

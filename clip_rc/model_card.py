@@ -10,7 +10,10 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .configuration_clip_rc import CLIPRCConfig
 
 
-__all__ = ["build_model_card"]
+__all__ = ["MODEL_CARD_MARKER", "build_model_card"]
+
+# The first line of the model card after its metadata: a README.md without it is a user's and is never replaced.
+MODEL_CARD_MARKER = "<!-- model card written by clip_rc.training -->"
 
 # Run figures reported in the model index: results key -> (metric type, display name).
 _REPORTED_METRICS = {
@@ -69,7 +72,7 @@ def _card_data(config, recipe, metrics, repo_id, eval_split) -> ModelCardData:
 
 def _body(config: CLIPRCConfig, recipe, metrics, eval_table, name: str) -> str:
     lines = [
-        "# CLIP-RC", "",
+        MODEL_CARD_MARKER, "", "# CLIP-RC", "",
         "CLIP-RC (\"Exploring Regional Clues in CLIP for Zero-Shot Semantic Segmentation\", Zhang et al., CVPR 2024), "
         f"trained with `clip_rc.training` in the **{config.setting}** setting on **{config.benchmark}** "
         f"({config.num_labels} classes, {len(config.unseen_class_ids)} unseen).", "",

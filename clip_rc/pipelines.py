@@ -34,9 +34,9 @@ from transformers.image_utils import load_image
 from transformers.pipelines.base import Pipeline
 from transformers.utils import logging, requires_backends
 
-from .benchmarks import check_templates
+from .benchmarks import check_class_names, check_templates
 from .image_processing_clip_rc import CLIPRCImageProcessor
-from .processing_clip_rc import CLIPRCProcessor, check_class_names
+from .processing_clip_rc import CLIPRCProcessor
 
 
 logger = logging.get_logger(__name__)

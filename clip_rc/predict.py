@@ -29,7 +29,7 @@ import PIL.Image
 import torch
 
 from .inference import encode_class_names, load_model_and_processor, segment_images
-from .processing_clip_rc import check_class_names
+from .benchmarks import check_class_names
 from .utils import atomic_path, setup_logging
 from .visualization import class_palette, overlay_label_map, save_label_map
 

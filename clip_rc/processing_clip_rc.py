@@ -14,7 +14,7 @@ from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import TensorType
 
-from .benchmarks import check_templates
+from .benchmarks import check_class_names, check_templates
 
 
 DEFAULT_TEMPLATES = ("a photo of a {}",)
@@ -135,18 +135,6 @@ class CLIPRCProcessor(ProcessorMixin):
         return ["pixel_values", "image_sizes", "input_ids", "attention_mask"]
 
 
-def check_class_names(class_names: Sequence[str]) -> None:
-    """Class names must be non-empty strings without repeats (each names one output channel)."""
-    if not class_names:
-        raise ValueError("The class list is empty: give at least one class name.")
-    empty = [index for index, name in enumerate(class_names) if not isinstance(name, str) or not name.strip()]
-    if empty:
-        raise ValueError(f"Class names at positions {empty} are empty or not strings: {[class_names[i] for i in empty]}.")
-    repeated = sorted({name for name in class_names if class_names.count(name) > 1})
-    if repeated:
-        raise ValueError(f"Class names repeat: {repeated}.")
-
-
 def _check_prompt_lengths(attention_mask: np.ndarray, prompts: list[str], max_length: int):
     """A prompt longer than the text tower's positions would be truncated (losing its end-of-text token)."""
     lengths = attention_mask.sum(axis=-1)
@@ -161,4 +149,4 @@ def _check_prompt_lengths(attention_mask: np.ndarray, prompts: list[str], max_le
 
 CLIPRCProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["CLIPRCProcessor", "DEFAULT_TEMPLATES", "check_class_names"]
+__all__ = ["CLIPRCProcessor", "DEFAULT_TEMPLATES"]

@@ -51,6 +51,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -80,6 +81,7 @@ __all__ = [
     "save_clip_folder",
     "save_untrained_clip",
     "text_embeddings",
+    "train_and_probe",
     "train_clip_tokenizer",
     "train_tiny_clip",
 ]
@@ -652,7 +654,7 @@ def _without_confusion(probe: dict) -> dict:
     return {key: value for key, value in probe.items() if key != "confusion"}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def train_and_probe(argv: list[str] | None = None) -> dict:
     """Train the tiny CLIP (and optionally the untrained control) and probe them; returns the probe results."""
     parser = argparse.ArgumentParser(description="Train a tiny CLIP on the synthetic world's image-caption pairs.")
     parser.add_argument("--output_dir", required=True)
@@ -683,5 +685,11 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python -m clip_rc.tiny_clip`: see [`train_and_probe`]; returns the exit status, 0 on success."""
+    train_and_probe(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

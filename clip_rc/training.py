@@ -28,11 +28,20 @@ What the loop reproduces from the reference (mmsegmentation 0.24 / mmcv 1.4 `Ite
 
 Checkpoints (`output_dir/checkpoint-N`) are written atomically (to `output_dir/.tmp-checkpoint-N`, then renamed);
 each holds the Accelerate state (model, optimiser, scheduler, RNG of every process), `training_state.json` (step,
-data position, log history) and the model's `config.json` + processor, so a checkpoint folder also loads with
+data position, recipe, log history) and the model's `config.json` + processor, so a checkpoint folder also loads with
 `from_pretrained` (e.g. to start the transductive stage from `checkpoint-20000`). `--resume_from_checkpoint latest`
-takes the newest complete checkpoint (temporary and incomplete folders are ignored, and removed at start) and starts
-afresh when there is none. The final model is written beside the checkpoints with `save_pretrained`, its
-`config.json` moved in last, so `from_pretrained(output_dir)` never sees a half-written model.
+takes the newest complete checkpoint (temporary and incomplete folders are ignored) and starts afresh when there is
+none; resuming is exact or refused: a changed recipe (seed, batch size, data, learning rate, ...) is named, and a
+missing or unreadable random-number state is an error, unless `--allow_inexact_resume`. The final model is written
+beside the checkpoints with `save_pretrained`, its `config.json` moved in last, so `from_pretrained(output_dir)` never
+sees a half-written model.
+
+Nothing is lost: as with `transformers.Trainer`, a non-empty `output_dir` is refused unless resuming from one of its
+checkpoints or `--overwrite_output_dir`; every folder this module writes holds a marker file, and at start it removes
+only the `.tmp-*` folders holding it (the leftovers of an interrupted run), never a user's; a README.md it did not
+write is never replaced by the model card. Training stops at the first non-finite loss ([`TrainingDivergedError`],
+before the backward pass, on every process), and weights holding NaN or infinity are never saved, as a checkpoint or
+as the final model.
 
 Processes: `python train_accelerate.py ...` runs one process; `accelerate launch --multi_gpu --num_processes N
 train_accelerate.py ...` runs N with DDP (without `find_unused_parameters`: every trainable parameter gets a gradient
@@ -72,9 +81,16 @@ from .data import SegmentationTrainTransform, collate_fn, load_segmentation_data
 from .evaluation import evaluate_model
 from .image_processing_clip_rc import CLIPRCImageProcessor
 from .metrics import format_results_table
-from .model_card import build_model_card
+from .model_card import MODEL_CARD_MARKER, build_model_card
 from .processing_clip_rc import CLIPRCProcessor
-from .utils import launched_without_accelerator, setup_logging, write_json_atomic
+from .utils import (
+    check_model_folder,
+    json_ready,
+    launched_without_accelerator,
+    non_finite_tensors,
+    setup_logging,
+    write_json_atomic,
+)
 
 
 logger = get_logger("clip_rc.training")  # also when run as __main__ (python -m clip_rc.training)
@@ -85,6 +101,7 @@ __all__ = [
     "PRESET_RECIPES",
     "PolyWarmupLR",
     "TrainingArguments",
+    "TrainingDivergedError",
     "evaluate_segmentation",
     "find_latest_checkpoint",
     "list_checkpoints",
@@ -92,6 +109,7 @@ __all__ = [
     "parse_args",
     "reference_learning_rate",
     "reference_parameter_groups",
+    "train",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,6 +147,11 @@ TRAINING_STATE_NAME = "training_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_CHECKPOINT_PREFIX = ".tmp-checkpoint-"
 _CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+# Every folder this module writes (temporary folders, checkpoints) holds this file: at a new start only `.tmp-*`
+# folders holding it are removed, never a user's.
+OWNER_MARKER = ".written-by-clip-rc-training"
+# Names of the temporary folders this module uses; a user's entry of such a name is never deleted, but refused.
+_TEMPORARY_PATTERN = re.compile(r"^\.tmp-(checkpoint-\d+|deleting-checkpoint-\d+|final)$")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,7 +259,10 @@ class TrainingArguments:
     output_dir: str = field(metadata={"help": "Where checkpoints, logs and the final model are written."})
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start afresh in an output_dir that holds checkpoints (they are deleted)."},
+        metadata={"help": "Start afresh in an output_dir that is not empty: checkpoints of an earlier run there are "
+                  "deleted and the final save replaces files of the names it writes, except a README.md that "
+                  "clip_rc.training did not write (kept). Without it a non-empty output_dir is refused unless "
+                  "resuming from one of its checkpoints."},
     )
     max_steps: int | None = field(
         default=None, metadata={"help": "Training iterations (optimiser updates); default: the recipe's."}
@@ -301,6 +327,13 @@ class TrainingArguments:
         default=None,
         metadata={"help": "A checkpoint-N folder, or 'latest' for the newest complete one in output_dir (a fresh "
                   "start when there is none)."},
+    )
+    allow_inexact_resume: bool = field(
+        default=False,
+        metadata={"help": "Resume even though the run cannot continue exactly: a random-number state file of the "
+                  "checkpoint is missing or unreadable, or the recipe differs from the checkpoint's (seed, batch "
+                  "size, data, ...; the optimiser and schedule state still come from the checkpoint). Without it "
+                  "either is an error naming the file or the changed arguments."},
     )
     report_to: str = field(
         default="none",
@@ -589,20 +622,62 @@ def _is_complete_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / TRAINING_STATE_NAME).is_file()
 
 
-def _remove(path: Path):
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+def _written_here(path: Path) -> bool:
+    """Whether `path` is a folder this module wrote (it holds the owner marker)."""
+    return path.is_dir() and not path.is_symlink() and (path / OWNER_MARKER).is_file()
+
+
+def _mark(folder: Path):
+    (folder / OWNER_MARKER).write_text(
+        "Written by clip_rc.training; a `.tmp-*` folder holding this file is removed at the next start.\n",
+        encoding="utf-8",
+    )
+
+
+def _clear(path: Path):
+    """Make room at `path`: remove the folder this module wrote there, refuse to touch anything else."""
+    if path.exists() or path.is_symlink():
+        if not _written_here(path):
+            raise FileExistsError(f"{path} exists and was not written by clip_rc.training; move it away.")
+        shutil.rmtree(path)
+
+
+def _fresh_temporary_folder(path: Path) -> Path:
+    """An empty, marked temporary folder at `path` (a leftover of an interrupted run is replaced)."""
+    _clear(path)
+    path.mkdir(parents=True)
+    _mark(path)
+    return path
+
+
+def _remove_leftovers(output_dir: Path):
+    """Remove the temporary folders an interrupted run of this module left in `output_dir` (and only those)."""
+    for entry in sorted(output_dir.glob(".tmp-*")):
+        if _written_here(entry):
+            logger.warning(f"Removing {entry}, left by an interrupted run.")
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _discard_checkpoint(path: Path):
-    """Delete a checkpoint folder so that an interruption never leaves a half-deleted `checkpoint-N` that looks
-    complete: it is first renamed to `.tmp-deleting-checkpoint-N` (removed at the next start if need be)."""
+    """Delete a checkpoint folder of this module so that an interruption never leaves a half-deleted `checkpoint-N`
+    that looks complete: it is first marked and renamed to `.tmp-deleting-checkpoint-N` (removed at the next start
+    if need be). A folder that is neither marked nor a complete checkpoint is refused."""
+    if not (_written_here(path) or _is_complete_checkpoint(path)):
+        raise FileExistsError(f"{path} was not written by clip_rc.training (no {OWNER_MARKER}); move it away.")
+    _mark(path)  # checkpoints written before the marker existed
     doomed = path.with_name(f".tmp-deleting-{path.name}")
-    _remove(doomed)
+    _clear(doomed)
     os.replace(path, doomed)
-    _remove(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _user_entries(output_dir: Path) -> list[str]:
+    """Names of the entries of `output_dir` other than leftovers of this module (marked `.tmp-*` folders)."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(
+        entry.name for entry in output_dir.iterdir() if not (entry.name.startswith(".tmp-") and _written_here(entry))
+    )
 
 
 def _save_model_files(model: CLIPRCForSemanticSegmentation, processor, directory: Path):
@@ -642,6 +717,16 @@ def _config_field_names() -> set[str]:
     return set(CLIPRCConfig.__annotations__) | {"id2label", "label2id"}
 
 
+def _load_pretrained(model_class, source: str, cache_dir: str | None):
+    """`model_class.from_pretrained(source)`, a local folder checked first, with errors that name the folder."""
+    if Path(source).is_dir():
+        check_model_folder(source)
+    try:
+        return model_class.from_pretrained(source, cache_dir=cache_dir)
+    except ValueError as error:  # e.g. a bad value in config.json, whose message names the field but not the file
+        raise ValueError(f"Cannot load {model_class.__name__} from {source}: {error}") from error
+
+
 def build_model(model_args: ModelArguments) -> tuple[CLIPRCForSemanticSegmentation, Any]:
     """The model to train and its tokenizer (or `None`)."""
     overrides = _parse_config_overrides(model_args.config_overrides)
@@ -667,9 +752,7 @@ def build_model(model_args: ModelArguments) -> tuple[CLIPRCForSemanticSegmentati
     if model_args.clip_model_name_or_path is not None:
         if model_args.preset is None:
             raise ValueError("Starting from CLIP needs --preset (one of " + ", ".join(PRESETS) + ").")
-        clip = transformers.CLIPModel.from_pretrained(
-            model_args.clip_model_name_or_path, cache_dir=model_args.cache_dir
-        )
+        clip = _load_pretrained(transformers.CLIPModel, model_args.clip_model_name_or_path, model_args.cache_dir)
         values = dict(overrides)
         if model_args.crop_size is not None:
             values["crop_size"] = model_args.crop_size
@@ -694,7 +777,7 @@ def build_model(model_args: ModelArguments) -> tuple[CLIPRCForSemanticSegmentati
         del clip
         return model, tokenizer
 
-    model = CLIPRCForSemanticSegmentation.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    model = _load_pretrained(CLIPRCForSemanticSegmentation, model_args.model_name_or_path, model_args.cache_dir)
     config = model.config
     if model_args.preset is not None:
         _apply_preset(config, model_args.preset)
@@ -787,7 +870,7 @@ def push_to_hub(output_dir: Path, hub_model_id: str | None, private: bool = Fals
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Main
+# Run plan, logging, data
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -902,13 +985,188 @@ def _load_datasets(data_args: DataArguments, config: CLIPRCConfig):
     return train, evaluation, eval_split
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train CLIP-RC (see the module docstring). Returns the run's summary (steps, final metrics, log history)."""
-    model_args, data_args, training_args = parse_args(argv)
-    output_dir = Path(training_args.output_dir)
+# ---------------------------------------------------------------------------------------------------------------
+# Output folder, resuming, non-finite numbers
+# ---------------------------------------------------------------------------------------------------------------
 
-    report_to = None if training_args.report_to == "none" else training_args.report_to
-    accelerator = Accelerator(
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the weights stopped being finite. Nothing is saved from that point on: the output folder keeps the
+    checkpoints written before."""
+
+
+# Recipe entries that may differ between a checkpoint and the run resuming it: where things go, how often they are
+# logged, evaluated or saved, and raw arguments whose effect is compared through their `resolved.*` values.
+_RESUMABLE_CHANGES = frozenset({
+    "train.output_dir", "train.overwrite_output_dir", "train.resume_from_checkpoint", "train.allow_inexact_resume",
+    "train.max_steps", "resolved.max_steps", "train.logging_steps", "train.eval_steps", "resolved.eval_steps",
+    "train.final_evaluation", "train.checkpointing_steps", "resolved.checkpointing_steps",
+    "train.checkpoints_total_limit", "train.report_to", "train.tracker_project_name", "train.dataloader_num_workers",
+    "train.gradient_checkpointing", "train.ddp_find_unused_parameters", "train.push_to_hub", "train.hub_model_id",
+    "train.hub_private_repo", "model.cache_dir", "data.eval_split", "resolved.eval_split", "data.max_eval_samples",
+    "data.eval_shortest_edge", "model.preset", "train.total_train_batch_size", "train.per_device_train_batch_size",
+    "train.warmup_steps", "train.lr_decay_steps", "train.scale_lr_schedule",
+})  # fmt: skip
+# What checkpoints written before the recipe was saved in them record, under the recipe's names.
+_LEGACY_STATE_KEYS = {
+    "seed": "train.seed",
+    "num_processes": "resolved.num_processes",
+    "per_device_train_batch_size": "resolved.per_device_train_batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+}
+
+
+def _resume_path(training_args: TrainingArguments, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from, `None` for a fresh start."""
+    if not training_args.resume_from_checkpoint:
+        return None
+    if training_args.resume_from_checkpoint == "latest":
+        resume_path = find_latest_checkpoint(output_dir)
+        if resume_path is None:
+            logger.info(f"No complete checkpoint in {output_dir}: starting from scratch.")
+        return resume_path
+    resume_path = Path(training_args.resume_from_checkpoint)
+    if not _is_complete_checkpoint(resume_path):
+        raise ValueError(f"{resume_path} is not a complete checkpoint (no {TRAINING_STATE_NAME}).")
+    return resume_path
+
+
+def _prepare_output_dir(output_dir: Path, resume_path: Path | None, overwrite: bool, accelerator: Accelerator):
+    """
+    Refuse a non-empty `output_dir` unless resuming from one of its checkpoints or `overwrite` (as
+    `transformers.Trainer`); then remove the leftovers of an interrupted run of this module and, when starting afresh
+    with `overwrite`, the checkpoints of the earlier run. Nothing this module did not write is deleted.
+    """
+    resuming_here = resume_path is not None and resume_path.resolve().parent == output_dir.resolve()
+    earlier_checkpoints = list_checkpoints(output_dir) if resume_path is None else []
+    if not resuming_here and not overwrite:
+        if earlier_checkpoints:
+            raise ValueError(
+                f"{output_dir} holds checkpoints of an earlier run: pass --resume_from_checkpoint latest to continue "
+                "it or --overwrite_output_dir to start afresh."
+            )
+        occupied = _user_entries(output_dir)
+        if occupied:
+            raise ValueError(
+                f"{output_dir} is not empty (it holds {', '.join(occupied[:10])}"
+                f"{', ...' if len(occupied) > 10 else ''}): choose another --output_dir, or pass "
+                "--overwrite_output_dir to train into it (the final save replaces files of the names it writes; a "
+                "README.md not written by clip_rc.training is kept)."
+            )
+    foreign = [name for name in _user_entries(output_dir) if _TEMPORARY_PATTERN.match(name)]
+    if foreign:
+        raise ValueError(
+            f"{output_dir} holds {foreign}, named like the temporary folders of clip_rc.training but not written by "
+            "it; move them away."
+        )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(output_dir)
+        for old in earlier_checkpoints:
+            _discard_checkpoint(old)
+    accelerator.wait_for_everyone()
+
+
+def _read_training_state(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / TRAINING_STATE_NAME
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"Cannot resume: {path} is unreadable ({error}).") from error
+    missing = [key for key in ("global_step", "consumed_samples") if key not in state]
+    if missing:
+        raise ValueError(f"Cannot resume: {path} lacks {missing}.")
+    return state
+
+
+def _recipe_changes(state: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
+    """`key: saved -> now` for every recipe entry that differs from the checkpoint's and matters for resuming."""
+    saved = state.get("recipe")
+    if saved is None:
+        saved = {name: state[key] for key, name in _LEGACY_STATE_KEYS.items() if key in state}
+    current = json.loads(json.dumps(json_ready(recipe), default=str))
+    return [
+        f"{key}: {saved[key]!r} -> {current[key]!r}"
+        for key in sorted(set(saved) & set(current))
+        if key not in _RESUMABLE_CHANGES and saved[key] != current[key]
+    ]
+
+
+def _unreadable_random_states(checkpoint: Path, num_processes: int) -> list[str]:
+    """The random-number state files of `checkpoint` (one per process) that are missing or cannot be read by
+    Accelerate (which would skip them without an error)."""
+    from accelerate.utils import load as accelerate_load
+    from accelerate.utils.constants import RNG_STATE_NAME
+
+    problems = []
+    for process_index in range(num_processes):
+        path = checkpoint / f"{RNG_STATE_NAME}_{process_index}.pkl"
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+            continue
+        try:
+            states = accelerate_load(path)
+            if not isinstance(states, dict) or "torch_manual_seed" not in states:
+                raise ValueError("not a random-state record")
+        except Exception as error:  # noqa: BLE001 - any unpickling failure means the state cannot be restored
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            problems.append(f"{path} is unreadable ({type(error).__name__}: {first_line})")
+    return problems
+
+
+def _check_resume(checkpoint: Path, recipe: dict[str, Any], num_processes: int, allow_inexact: bool) -> dict:
+    """The checkpoint's training state, after checking that resuming from it continues the run exactly: same recipe,
+    every random-number state readable. Either problem is an error unless `allow_inexact` (then a warning)."""
+    state = _read_training_state(checkpoint)
+    problems = []
+    changes = _recipe_changes(state, recipe)
+    if changes:
+        problems.append("the recipe differs from the checkpoint's: " + "; ".join(changes))
+    problems += _unreadable_random_states(checkpoint, num_processes)
+    if problems and not allow_inexact:
+        raise ValueError(
+            f"Cannot resume exactly from {checkpoint}: " + "; ".join(problems) + ". Pass --allow_inexact_resume to "
+            "resume anyway, or start afresh in another --output_dir."
+        )
+    for problem in problems:
+        logger.warning(f"Resuming inexactly from {checkpoint}: {problem}.")
+    return state
+
+
+def _stop_if_loss_not_finite(accelerator: Accelerator, losses: dict[str, torch.Tensor], step: int, lr: float):
+    """Raise [`TrainingDivergedError`] on every process when the loss of any process is not finite (so that no process
+    waits for the others, and nothing is saved from the diverged weights)."""
+    finite = torch.isfinite(losses["loss"].detach()).all().to(torch.float32).reshape(1)
+    if accelerator.num_processes > 1:
+        finite = accelerator.gather(finite).min()
+    if bool(finite.item()):
+        return
+    values = ", ".join(f"{name}={float(value.detach()):.6g}" for name, value in losses.items())
+    raise TrainingDivergedError(
+        f"The loss is not finite at iteration {step} ({values}; learning rate {lr:.3g}): training stopped, nothing "
+        "is saved from this point, and the output folder keeps the checkpoints written before. Lower "
+        "--learning_rate or set --max_grad_norm."
+    )
+
+
+def _check_finite_weights(model: torch.nn.Module, what: str):
+    """Refuse to save `what` when a weight of `model` is not finite."""
+    bad = non_finite_tensors(model.state_dict())
+    if bad:
+        listing = ", ".join(bad[:10]) + (f", ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
+        raise TrainingDivergedError(
+            f"Not saving {what}: {len(bad)} tensors of the model hold NaN or infinite values ({listing})."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _build_accelerator(training_args: TrainingArguments, output_dir: Path, report_to: str | None) -> Accelerator:
+    return Accelerator(
         # Several processes started by a launcher (`accelerate launch --multi_gpu`, torchrun) on a machine without
         # an accelerator: run them as one gloo process group (Accelerate's MULTI_CPU) instead of independent runs.
         cpu=launched_without_accelerator(),
@@ -923,65 +1181,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         ],
     )
-    _setup_logging(accelerator)
-    logger.info(accelerator.state, main_process_only=False)
 
-    # ---- resume point and output folder ----
-    resume_path = None
-    if training_args.resume_from_checkpoint:
-        if training_args.resume_from_checkpoint == "latest":
-            resume_path = find_latest_checkpoint(output_dir)
-            if resume_path is None:
-                logger.info(f"No complete checkpoint in {output_dir}: starting from scratch.")
-        else:
-            resume_path = Path(training_args.resume_from_checkpoint)
-            if not _is_complete_checkpoint(resume_path):
-                raise ValueError(f"{resume_path} is not a complete checkpoint (no {TRAINING_STATE_NAME}).")
-    earlier_checkpoints = list_checkpoints(output_dir) if resume_path is None else []
-    if earlier_checkpoints and not training_args.overwrite_output_dir:
-        raise ValueError(
-            f"{output_dir} holds checkpoints of an earlier run: pass --resume_from_checkpoint latest to continue it "
-            "or --overwrite_output_dir to start afresh."
-        )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in output_dir.glob(".tmp-*"):
-            # Unfinished checkpoints, final saves or deletions of an interrupted run.
-            logger.warning(f"Removing {stale}, left by an interrupted run.")
-            _remove(stale)
-        for old in earlier_checkpoints:
-            _discard_checkpoint(old)
-    accelerator.wait_for_everyone()
 
-    # ---- model, data ----
-    set_seed(training_args.seed)
-    model, tokenizer = build_model(model_args)
-    if training_args.gradient_checkpointing:
-        # `gradient_checkpointing_enable` became `activation_checkpointing_enable` during transformers 5.x.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
-    config = model.config
-    plan = _resolve_plan(model_args, training_args, config, accelerator.num_processes)
-    eval_shortest_edge = data_args.eval_shortest_edge or config.crop_size
-    processor = build_processor(model, tokenizer, eval_shortest_edge)
-
-    with accelerator.main_process_first():
-        train_dataset, eval_dataset, eval_split = _load_datasets(data_args, config)
+def _training_samples(train_dataset, config: CLIPRCConfig, data_args: DataArguments, seed: int):
+    """The training split behind the reference augmentation, each sample drawing from its own seeded generator."""
     crop = config.crop_size
     scale = tuple(data_args.train_scale) if data_args.train_scale else (2048 * crop // 512, crop)
     if len(scale) != 2:
         raise ValueError(f"--train_scale takes two sizes (long short), got {list(scale)}.")
-    train_transform = SegmentationTrainTransform(
+    transform = SegmentationTrainTransform(
         crop_size=crop, scale=scale, photometric=data_args.photometric_distortion, ignore_index=config.ignore_index
     )
-    train_samples = AugmentedTrainSamples(train_dataset, train_transform, training_args.seed)
+    return AugmentedTrainSamples(train_dataset, transform, seed)
 
-    # ---- optimiser, schedule ----
+
+def _build_optimizer(model, training_args: TrainingArguments, plan: _Plan):
+    """AdamW over the reference's parameter groups and the poly schedule with warm-up; also returns the groups."""
     groups = reference_parameter_groups(
         model, training_args.learning_rate, training_args.weight_decay, training_args.lr_multiplier
     )
-    group_names = [group["name"] for group in groups]
     optimizer = torch.optim.AdamW(
         [{key: value for key, value in group.items() if key != "param_names"} for group in groups],
         lr=training_args.learning_rate,
@@ -993,19 +1211,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         optimizer, total_steps=plan.lr_decay_steps, warmup_steps=plan.warmup_steps,
         warmup_ratio=training_args.warmup_lr_ratio, power=training_args.lr_power,
         min_lr=training_args.min_learning_rate,
-    )
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    )  # fmt: skip
+    return optimizer, lr_scheduler, groups
 
-    recipe = {
+
+def _recipe(model_args, data_args, training_args, plan: _Plan, config, groups, num_processes, eval_split) -> dict:
+    """Every argument and resolved value of the run (saved with the model and in each checkpoint)."""
+    return {
         **{f"model.{k}": v for k, v in dataclasses.asdict(model_args).items()},
         **{f"data.{k}": v for k, v in dataclasses.asdict(data_args).items()},
         **{f"train.{k}": v for k, v in dataclasses.asdict(training_args).items()},
         "resolved.preset": plan.preset,
         "resolved.max_steps": plan.max_steps,
         "resolved.per_device_train_batch_size": plan.per_device_train_batch_size,
-        "resolved.total_train_batch_size": plan.per_device_train_batch_size * accelerator.num_processes
+        "resolved.total_train_batch_size": plan.per_device_train_batch_size * num_processes
         * training_args.gradient_accumulation_steps,
-        "resolved.num_processes": accelerator.num_processes,
+        "resolved.num_processes": num_processes,
         "resolved.warmup_steps": plan.warmup_steps,
         "resolved.lr_decay_steps": plan.lr_decay_steps,
         "resolved.eval_steps": plan.eval_steps,
@@ -1015,188 +1236,291 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "resolved.param_groups": {g["name"]: {"lr": g["lr"], "weight_decay": g["weight_decay"],
                                               "num_tensors": len(g["params"])} for g in groups},
         "resolved.eval_split": eval_split,
-    }
+    }  # fmt: skip
 
-    # ---- resume ----
-    global_step, consumed_samples, log_history = 0, 0, []
-    if resume_path is not None:
-        logger.info(f"Resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        with open(resume_path / TRAINING_STATE_NAME, encoding="utf-8") as handle:
-            state = json.load(handle)
-        global_step, consumed_samples = state["global_step"], state["consumed_samples"]
-        log_history = state.get("log_history", [])
 
-    if report_to is not None:
-        accelerator.init_trackers(training_args.tracker_project_name, config=_tracker_config(recipe))
+_LOSS_NAMES = ("loss", "loss_focal", "loss_dice", "loss_recovery_query", "loss_recovery_pixel")
 
-    global_batch = plan.per_device_train_batch_size * accelerator.num_processes
-    sampler = InfiniteShardedBatchSampler(
-        len(train_samples), plan.per_device_train_batch_size, accelerator.num_processes, accelerator.process_index,
-        seed=training_args.seed, start_sample=consumed_samples,
-    )
-    train_loader = torch.utils.data.DataLoader(
-        train_samples, batch_sampler=sampler, collate_fn=collate_fn,
-        num_workers=training_args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=False, generator=torch.Generator().manual_seed(training_args.seed),
-    )
 
-    logger.info("***** Running training *****")
-    logger.info(f"  Recipe = {plan.preset}, setting = {config.setting}, classes = {config.num_labels}")
-    logger.info(f"  Training samples = {len(train_samples)}, evaluation samples = "
-                f"{len(eval_dataset) if eval_dataset is not None else 0}")
-    logger.info(f"  Iterations = {plan.max_steps}, per-device batch = {plan.per_device_train_batch_size}, "
-                f"processes = {accelerator.num_processes}, accumulation = {training_args.gradient_accumulation_steps}")
-    logger.info(f"  Parameter groups = {recipe['resolved.param_groups']}")
-    logger.info(f"  Schedule: poly {training_args.lr_power} over {plan.lr_decay_steps} iterations to "
-                f"{training_args.min_learning_rate}, linear warm-up {plan.warmup_steps} from "
-                f"{training_args.warmup_lr_ratio}")
+@dataclass
+class _TrainingRun:
+    """The state of one run and its stages: resume, the training loop (with logging, evaluation and checkpoints) and
+    the final save."""
 
-    unwrapped = accelerator.unwrap_model(model)
-    trainable = [p for p in unwrapped.parameters() if p.requires_grad]
-    loss_names = ["loss", "loss_focal", "loss_dice", "loss_recovery_query", "loss_recovery_pixel"]
-    running = torch.zeros(len(loss_names), device=accelerator.device, dtype=torch.float64)
-    running_count = 0
-    last_metrics = None
-    last_table = None
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: PolyWarmupLR
+    processor: Any
+    train_samples: AugmentedTrainSamples
+    eval_dataset: Any
+    eval_split: str | None
+    plan: _Plan
+    training_args: TrainingArguments
+    recipe: dict[str, Any]
+    group_names: list[str]
+    output_dir: Path
+    report_to: str | None
+    global_step: int = 0
+    consumed_samples: int = 0
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    last_metrics: dict[str, float] | None = None
+    last_table: str | None = None
 
-    def log_metrics(values: dict[str, float], step: int):
-        log_history.append({"step": step, **values})
-        if report_to is not None:
-            accelerator.log(values, step=step)
+    @property
+    def unwrapped(self) -> CLIPRCForSemanticSegmentation:
+        return self.accelerator.unwrap_model(self.model)
 
-    def save_checkpoint(step: int):
+    def resume(self, checkpoint: Path):
+        state = _check_resume(
+            checkpoint, self.recipe, self.accelerator.num_processes, self.training_args.allow_inexact_resume
+        )
+        logger.info(f"Resuming from {checkpoint}")
+        self.accelerator.load_state(str(checkpoint))
+        self.global_step, self.consumed_samples = state["global_step"], state["consumed_samples"]
+        self.log_history = state.get("log_history", [])
+
+    def log_metrics(self, values: dict[str, float], step: int):
+        self.log_history.append({"step": step, **values})
+        if self.report_to is not None:
+            self.accelerator.log(values, step=step)
+
+    def save_checkpoint(self, step: int):
+        """`checkpoint-{step}`, written to a marked temporary folder and renamed when complete."""
+        accelerator, output_dir = self.accelerator, self.output_dir
+        _check_finite_weights(self.unwrapped, f"checkpoint-{step}")
         final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
         temporary = output_dir / f"{TMP_CHECKPOINT_PREFIX}{step}"
-        if accelerator.is_main_process and temporary.exists():
-            shutil.rmtree(temporary)
+        if accelerator.is_main_process:
+            _fresh_temporary_folder(temporary)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(temporary))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            _save_model_files(unwrapped, processor, temporary)
-            epoch, position = divmod(consumed_samples, len(train_samples))
+            _save_model_files(self.unwrapped, self.processor, temporary)
+            epoch, position = divmod(self.consumed_samples, len(self.train_samples))
             write_json_atomic(temporary / TRAINING_STATE_NAME, {
                 "global_step": step,
-                "consumed_samples": consumed_samples,
+                "consumed_samples": self.consumed_samples,
                 "epoch": epoch,
                 "position_in_epoch": position,
                 "num_processes": accelerator.num_processes,
-                "per_device_train_batch_size": plan.per_device_train_batch_size,
-                "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
-                "seed": training_args.seed,
-                "log_history": log_history,
-            })
+                "per_device_train_batch_size": self.plan.per_device_train_batch_size,
+                "gradient_accumulation_steps": self.training_args.gradient_accumulation_steps,
+                "seed": self.training_args.seed,
+                "recipe": self.recipe,
+                "log_history": self.log_history,
+            })  # fmt: skip
             if final.exists():  # an incomplete folder of the same name (complete ones are never rewritten)
                 _discard_checkpoint(final)
             os.replace(temporary, final)
             logger.info(f"Saved checkpoint {final}")
-            if training_args.checkpoints_total_limit is not None:
-                checkpoints = list_checkpoints(output_dir)
-                for old in checkpoints[: max(len(checkpoints) - training_args.checkpoints_total_limit, 0)]:
-                    logger.info(f"Removing old checkpoint {old}")
-                    _discard_checkpoint(old)
+            self._apply_checkpoint_limit()
         accelerator.wait_for_everyone()
 
-    def run_evaluation(step: int):
-        nonlocal last_metrics, last_table
-        results = evaluate_segmentation(
-            model, eval_dataset, accelerator, getattr(processor, "image_processor", processor),
-            training_args.dataloader_num_workers,
-        )
-        last_metrics, last_table = _summary_metrics(results), results["table"]
-        logger.info(f"Evaluation at step {step} on {eval_split}:\n{last_table}")
-        log_metrics({f"eval/{key}": value for key, value in last_metrics.items()}, step)
+    def _apply_checkpoint_limit(self):
+        limit = self.training_args.checkpoints_total_limit
+        if limit is None:
+            return
+        checkpoints = list_checkpoints(self.output_dir)
+        for old in checkpoints[: max(len(checkpoints) - limit, 0)]:
+            logger.info(f"Removing old checkpoint {old}")
+            _discard_checkpoint(old)
 
-    progress = tqdm(
-        total=plan.max_steps, initial=global_step, desc="training", dynamic_ncols=True,
-        # Main process: tqdm's own rule (no bar when stderr is not a terminal, e.g. a log file; the losses are logged).
-        disable=None if accelerator.is_local_main_process else True,
-    )
-    model.train()
-    data_iterator = iter(train_loader) if global_step < plan.max_steps else None
-    started = time.time()
-    while global_step < plan.max_steps:
-        batch = next(data_iterator)
+    def run_evaluation(self, step: int):
+        image_processor = getattr(self.processor, "image_processor", self.processor)
+        results = evaluate_segmentation(
+            self.model, self.eval_dataset, self.accelerator, image_processor, self.training_args.dataloader_num_workers
+        )
+        self.last_metrics, self.last_table = _summary_metrics(results), results["table"]
+        logger.info(f"Evaluation at step {step} on {self.eval_split}:\n{self.last_table}")
+        self.log_metrics({f"eval/{key}": value for key, value in self.last_metrics.items()}, step)
+
+    def _train_loader(self) -> torch.utils.data.DataLoader:
+        accelerator, plan = self.accelerator, self.plan
+        sampler = InfiniteShardedBatchSampler(
+            len(self.train_samples), plan.per_device_train_batch_size, accelerator.num_processes,
+            accelerator.process_index, seed=self.training_args.seed, start_sample=self.consumed_samples,
+        )  # fmt: skip
+        return torch.utils.data.DataLoader(
+            self.train_samples, batch_sampler=sampler, collate_fn=collate_fn,
+            num_workers=self.training_args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+            persistent_workers=False, generator=torch.Generator().manual_seed(self.training_args.seed),
+        )  # fmt: skip
+
+    def train(self):
+        """Optimiser updates until `plan.max_steps`, with periodic logging, evaluation and checkpoints."""
+        accelerator, plan, training_args = self.accelerator, self.plan, self.training_args
+        progress = tqdm(
+            total=plan.max_steps, initial=self.global_step, desc="training", dynamic_ncols=True,
+            # Main process: tqdm's own rule (no bar when stderr is not a terminal; the losses are logged).
+            disable=None if accelerator.is_local_main_process else True,
+        )  # fmt: skip
+        trainable = [p for p in self.unwrapped.parameters() if p.requires_grad]
+        running = torch.zeros(len(_LOSS_NAMES), device=accelerator.device, dtype=torch.float64)
+        running_count = 0
+        data_iterator = iter(self._train_loader()) if self.global_step < plan.max_steps else None
+        started, first_step = time.time(), self.global_step
+        self.model.train()
+        while self.global_step < plan.max_steps:
+            losses = self._forward_backward(next(data_iterator), trainable)
+            self.consumed_samples += plan.per_device_train_batch_size * accelerator.num_processes
+            running += torch.stack([losses[name].detach().double() for name in _LOSS_NAMES])
+            running_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            learning_rates = [group["lr"] for group in self.optimizer.param_groups]
+            self.lr_scheduler.step()
+            self.global_step += 1
+            progress.update(1)
+            if self.global_step % training_args.logging_steps == 0 or self.global_step == plan.max_steps:
+                self._log_losses(running / running_count, learning_rates, progress)
+                running.zero_()
+                running_count = 0
+            self._evaluate_and_save_if_due()
+        progress.close()
+        if self.global_step > first_step:
+            logger.info(f"Training done: {self.global_step} iterations in {time.time() - started:.1f}s")
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor], trainable: list[torch.nn.Parameter]):
+        """One micro-batch: forward, stop on a non-finite loss, backward, optimiser step when gradients sync."""
+        accelerator, training_args = self.accelerator, self.training_args
         pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
         labels = batch["labels"].to(accelerator.device, non_blocking=True)
-        with accelerator.accumulate(model):
-            outputs = model(pixel_values=pixel_values, labels=labels)
-            loss = outputs.loss
-            accelerator.backward(loss)
+        with accelerator.accumulate(self.model):
+            outputs = self.model(pixel_values=pixel_values, labels=labels)
+            losses = {"loss": outputs.loss, **{name: outputs.loss_dict[name] for name in _LOSS_NAMES[1:]}}
+            _stop_if_loss_not_finite(accelerator, losses, self.global_step + 1, self.optimizer.param_groups[0]["lr"])
+            accelerator.backward(outputs.loss)
             if accelerator.sync_gradients and training_args.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(trainable, training_args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        consumed_samples += global_batch
-        terms = [loss] + [outputs.loss_dict[name] for name in loss_names[1:]]
-        running += torch.stack([term.detach().double() for term in terms])
-        running_count += 1
-        if not accelerator.sync_gradients:
-            continue
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return losses
 
-        learning_rates = [group["lr"] for group in optimizer.param_groups]
-        lr_scheduler.step()
-        global_step += 1
-        progress.update(1)
+    def _log_losses(self, sums_per_step: torch.Tensor, learning_rates: list[float], progress):
+        means = self.accelerator.reduce(sums_per_step, reduction="mean").tolist()
+        values = {f"train/{name}": value for name, value in zip(_LOSS_NAMES, means)}
+        values.update({f"train/lr_{name}": lr for name, lr in zip(self.group_names, learning_rates)})
+        values["train/epoch"] = self.consumed_samples / len(self.train_samples)
+        self.log_metrics(values, self.global_step)
+        progress.set_postfix(loss=f"{means[0]:.4f}", lr=f"{learning_rates[0]:.3g}")
+        logger.info(f"step {self.global_step}: " + ", ".join(f"{k.split('/')[-1]}={v:.6g}" for k, v in values.items()))
 
-        if global_step % training_args.logging_steps == 0 or global_step == plan.max_steps:
-            means = (accelerator.reduce(running, reduction="mean") / running_count).tolist()
-            values = {f"train/{name}": value for name, value in zip(loss_names, means)}
-            values.update({f"train/lr_{name}": lr for name, lr in zip(group_names, learning_rates)})
-            values["train/epoch"] = consumed_samples / len(train_samples)
-            log_metrics(values, global_step)
-            progress.set_postfix(loss=f"{means[0]:.4f}", lr=f"{learning_rates[0]:.3g}")
-            logger.info(f"step {global_step}: " + ", ".join(f"{k.split('/')[-1]}={v:.6g}" for k, v in values.items()))
-            running.zero_()
-            running_count = 0
+    def _evaluate_and_save_if_due(self):
+        step, plan = self.global_step, self.plan
+        if self.eval_dataset is not None and plan.eval_steps > 0 and step % plan.eval_steps == 0 \
+                and step < plan.max_steps:
+            self.run_evaluation(step)
+        if plan.checkpointing_steps > 0 and step % plan.checkpointing_steps == 0:
+            self.save_checkpoint(step)
 
-        if eval_dataset is not None and plan.eval_steps > 0 and global_step % plan.eval_steps == 0 \
-                and global_step < plan.max_steps:
-            run_evaluation(global_step)
-        if plan.checkpointing_steps > 0 and global_step % plan.checkpointing_steps == 0:
-            save_checkpoint(global_step)
-    progress.close()
-    if global_step:
-        logger.info(f"Training done: {global_step} iterations in {time.time() - started:.1f}s")
+    def finish(self) -> dict[str, Any]:
+        """Final evaluation, the final save (and upload); returns the run's summary."""
+        accelerator = self.accelerator
+        if self.eval_dataset is not None and self.training_args.final_evaluation:
+            self.run_evaluation(self.global_step)
+        _check_finite_weights(self.unwrapped, f"the final model to {self.output_dir}")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _save_final(self.unwrapped, self.processor, self.output_dir, self.recipe, self.last_metrics,
+                        self.last_table, self.log_history, self.global_step, self.training_args)  # fmt: skip
+        accelerator.wait_for_everyone()
+        repo_id = None
+        if self.training_args.push_to_hub and accelerator.is_main_process:
+            repo_id = push_to_hub(self.output_dir, self.training_args.hub_model_id, self.training_args.hub_private_repo)
+            logger.info(f"Pushed {self.output_dir} to {repo_id}")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return {
+            "global_step": self.global_step,
+            "metrics": self.last_metrics,
+            "log_history": self.log_history,
+            "output_dir": str(self.output_dir),
+            "repo_id": repo_id,
+            "recipe": self.recipe,
+        }
 
-    # ---- final evaluation and save ----
-    if eval_dataset is not None and training_args.final_evaluation:
-        run_evaluation(global_step)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _save_final(unwrapped, processor, output_dir, recipe, last_metrics, last_table, log_history, global_step,
-                    training_args)
-    accelerator.wait_for_everyone()
-    repo_id = None
-    if training_args.push_to_hub and accelerator.is_main_process:
-        repo_id = push_to_hub(output_dir, training_args.hub_model_id, training_args.hub_private_repo)
-        logger.info(f"Pushed {output_dir} to {repo_id}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return {
-        "global_step": global_step,
-        "metrics": last_metrics,
-        "log_history": log_history,
-        "output_dir": str(output_dir),
-        "repo_id": repo_id,
-        "recipe": recipe,
-    }
+    def log_start(self, config: CLIPRCConfig):
+        plan, training_args = self.plan, self.training_args
+        logger.info("***** Running training *****")
+        logger.info(f"  Recipe = {plan.preset}, setting = {config.setting}, classes = {config.num_labels}")
+        logger.info(f"  Training samples = {len(self.train_samples)}, evaluation samples = "
+                    f"{len(self.eval_dataset) if self.eval_dataset is not None else 0}")
+        logger.info(f"  Iterations = {plan.max_steps}, per-device batch = {plan.per_device_train_batch_size}, "
+                    f"processes = {self.accelerator.num_processes}, accumulation = "
+                    f"{training_args.gradient_accumulation_steps}")
+        logger.info(f"  Parameter groups = {self.recipe['resolved.param_groups']}")
+        logger.info(f"  Schedule: poly {training_args.lr_power} over {plan.lr_decay_steps} iterations to "
+                    f"{training_args.min_learning_rate}, linear warm-up {plan.warmup_steps} from "
+                    f"{training_args.warmup_lr_ratio}")
+
+
+def train(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train CLIP-RC (see the module docstring). Returns the run's summary (steps, final metrics, log history, recipe,
+    output folder, Hub repository)."""
+    model_args, data_args, training_args = parse_args(argv)
+    output_dir = Path(training_args.output_dir)
+    report_to = None if training_args.report_to == "none" else training_args.report_to
+    accelerator = _build_accelerator(training_args, output_dir, report_to)
+    _setup_logging(accelerator)
+    logger.info(accelerator.state, main_process_only=False)
+    resume_path = _resume_path(training_args, output_dir)
+    _prepare_output_dir(output_dir, resume_path, training_args.overwrite_output_dir, accelerator)
+
+    set_seed(training_args.seed)
+    model, tokenizer = build_model(model_args)
+    if training_args.gradient_checkpointing:
+        # `gradient_checkpointing_enable` became `activation_checkpointing_enable` during transformers 5.x.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    config = model.config
+    plan = _resolve_plan(model_args, training_args, config, accelerator.num_processes)
+    eval_shortest_edge = data_args.eval_shortest_edge or config.crop_size
+    processor = build_processor(model, tokenizer, eval_shortest_edge)
+    with accelerator.main_process_first():
+        train_dataset, eval_dataset, eval_split = _load_datasets(data_args, config)
+    train_samples = _training_samples(train_dataset, config, data_args, training_args.seed)
+    optimizer, lr_scheduler, groups = _build_optimizer(model, training_args, plan)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    recipe = _recipe(model_args, data_args, training_args, plan, config, groups, accelerator.num_processes, eval_split)
+
+    run = _TrainingRun(
+        accelerator, model, optimizer, lr_scheduler, processor, train_samples, eval_dataset, eval_split, plan,
+        training_args, recipe, [group["name"] for group in groups], output_dir, report_to,
+    )  # fmt: skip
+    if resume_path is not None:
+        run.resume(resume_path)
+    if report_to is not None:
+        accelerator.init_trackers(training_args.tracker_project_name, config=_tracker_config(recipe))
+    run.log_start(config)
+    run.train()
+    return run.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`clip-rc-train` / `train_accelerate.py`: train (see [`train`]); returns the exit status, 0 on success (errors
+    raise)."""
+    train(argv)
+    return 0
 
 
 def _save_final(model, processor, output_dir: Path, recipe, metrics, table, log_history, global_step, training_args):
     """save_pretrained (model + processor), model card and run records into `output_dir`, atomically for loaders:
-    everything is written to a temporary folder, moved in, and `config.json` (what `from_pretrained` looks for) is
-    removed first and moved in last, so a folder with a config.json always has complete weights."""
-    temporary = output_dir / ".tmp-final"
-    if temporary.exists():
-        shutil.rmtree(temporary)
+    everything is written to a marked temporary folder, moved in, and `config.json` (what `from_pretrained` looks
+    for) is removed first and moved in last, so a folder with a config.json always has complete weights. A README.md
+    this module did not write is kept (the model card is then not written)."""
+    temporary = _fresh_temporary_folder(output_dir / ".tmp-final")
     model.save_pretrained(temporary)
     if processor is not None:
         processor.save_pretrained(temporary)
-    repo_id = training_args.hub_model_id if training_args.push_to_hub else None
-    card = build_model_card(model.config, recipe, metrics, table, repo_id, recipe.get("resolved.eval_split"))
-    card.save(temporary / "README.md")
+    readme = output_dir / "README.md"
+    if readme.exists() and MODEL_CARD_MARKER not in readme.read_text(encoding="utf-8", errors="replace"):
+        logger.warning(f"Keeping {readme}, which clip_rc.training did not write: the model card is not saved.")
+    else:
+        repo_id = training_args.hub_model_id if training_args.push_to_hub else None
+        card = build_model_card(model.config, recipe, metrics, table, repo_id, recipe.get("resolved.eval_split"))
+        card.save(temporary / "README.md")
     write_json_atomic(temporary / "training_args.json", recipe)
     write_json_atomic(temporary / "trainer_state.json", {"global_step": global_step, "log_history": log_history})
     if metrics is not None:
@@ -1204,7 +1528,7 @@ def _save_final(model, processor, output_dir: Path, recipe, metrics, table, log_
     config_file = output_dir / "config.json"
     if config_file.exists():
         config_file.unlink()
-    names = sorted(entry.name for entry in temporary.iterdir())
+    names = sorted(entry.name for entry in temporary.iterdir() if entry.name != OWNER_MARKER)
     for name in [name for name in names if name != "config.json"] + ["config.json"]:
         source, target = temporary / name, output_dir / name
         if target.is_dir() and not target.is_symlink():
@@ -1215,4 +1539,4 @@ def _save_final(model, processor, output_dir: Path, recipe, metrics, table, log_
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Small helpers shared by the scripts: strict, atomic JSON files and launcher detection."""
+"""Small helpers shared by the scripts: strict, atomic JSON files, launcher detection, and checks of model folders
+and weights whose errors name the file or the tensors."""
 
 import contextlib
 import json
@@ -14,7 +15,18 @@ import numpy as np
 import torch
 
 
-__all__ = ["atomic_path", "json_ready", "launched_without_accelerator", "setup_logging", "write_json_atomic", "write_text_atomic"]
+__all__ = [
+    "atomic_path",
+    "check_model_folder",
+    "json_ready",
+    "load_clip_rc_config",
+    "missing_weights",
+    "launched_without_accelerator",
+    "non_finite_tensors",
+    "setup_logging",
+    "write_json_atomic",
+    "write_text_atomic",
+]
 
 
 def json_ready(value: Any) -> Any:
@@ -90,3 +102,89 @@ def setup_logging(is_main_process: bool = True):
     others."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("clip_rc").setLevel(logging.INFO if is_main_process else logging.WARNING)
+
+
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of `tensors` (a state dict) that hold a NaN or an infinity."""
+    return [
+        name
+        for name, tensor in tensors.items()
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """
+    Check a local model folder before `from_pretrained` reads it, so that a broken folder gives an error naming the
+    file: `config.json` must exist and be a JSON object with a `model_type`, and every safetensors weight file (those
+    of a `model.safetensors.index.json` included) must exist and be complete.
+
+    Raises:
+        `FileNotFoundError`: the folder, its `config.json` or a weight file is missing.
+        `ValueError`: `config.json` is not valid, or a weight file is truncated or corrupt.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Model folder {folder} does not exist (or is not a folder).")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        found = sorted(entry.name for entry in folder.iterdir())[:10]
+        raise FileNotFoundError(
+            f"{folder} holds no config.json, so it is not a model folder saved with save_pretrained (it holds: "
+            f"{', '.join(found) or 'nothing'})."
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_file} is not valid JSON ({error}).") from error
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"{config_file} is not a model configuration: it has no `model_type` key.")
+    weight_files = sorted(folder.glob("*.safetensors"))
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{index_file} is not a valid safetensors index ({error}).") from error
+        weight_files = sorted({folder / name for name in weight_map.values()} | set(weight_files))
+    for weight_file in weight_files:
+        if not weight_file.is_file():
+            raise FileNotFoundError(f"Weight file {weight_file} (listed in {index_file}) is missing.")
+        try:
+            with safe_open(str(weight_file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"Weight file {weight_file} is truncated or corrupt ({error}).") from error
+    return folder
+
+
+def load_clip_rc_config(path: str | os.PathLike):
+    """
+    A [`CLIPRCConfig`] from a `config.json` file or a model folder holding one, with errors that name the file: a
+    missing file, invalid JSON or an invalid value (the config's own message names the field and the value).
+    """
+    from .configuration_clip_rc import CLIPRCConfig
+
+    path = Path(path)
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        where = f"{path} holds no config.json" if path.is_dir() else f"{path} does not exist"
+        raise FileNotFoundError(f"No CLIP-RC configuration: {where}.")
+    try:
+        return CLIPRCConfig.from_json_file(str(config_file))
+    except (UnicodeDecodeError, ValueError, TypeError) as error:  # invalid JSON is a ValueError too
+        raise ValueError(f"{config_file} is not a valid CLIP-RC configuration: {error}") from error
+
+
+def missing_weights(folder: str | os.PathLike, model: torch.nn.Module) -> list[str]:
+    """Names of the state-dict entries of `model` that the safetensors files of `folder` do not hold: those a
+    `from_pretrained` of the folder initialised afresh instead of loading."""
+    from safetensors import safe_open
+
+    stored = set()
+    for weight_file in Path(folder).glob("*.safetensors"):
+        with safe_open(str(weight_file), framework="pt") as handle:
+            stored.update(handle.keys())
+    return sorted(set(model.state_dict()) - stored)

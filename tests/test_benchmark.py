@@ -4,13 +4,13 @@ import json
 
 import torch
 
-from clip_rc.benchmark import main
+from clip_rc.benchmark import run_benchmark
 
 
 def test_benchmark_writes_a_report(tmp_path, capsys):
     threads = torch.get_num_threads()
     path = tmp_path / "bench.json"
-    report = main(["--tiny", "--cases", "inference-20", "train-20", "--dtypes", "fp32", "--batch_sizes", "2",
+    report = run_benchmark(["--tiny", "--cases", "inference-20", "train-20", "--dtypes", "fp32", "--batch_sizes", "2",
                    "--runs", "1", "--warmup", "0", "--threads", "1", "--gradient_checkpointing",
                    "--json", str(path)])  # fmt: skip
     assert json.loads(path.read_text()) == json.loads(json.dumps(report))

@@ -196,7 +196,7 @@ def test_text_prompts_shape_padding_and_eot(processor):
 
 @pytest.mark.parametrize(
     "class_names, message",
-    [([], "empty"), (["cat", "cat"], "repeat"), (["cat", " "], r"positions \[1\]"), (["word " * 40], "exceed")],
+    [([], "at least one class"), (["cat", "cat"], "repeat"), (["cat", " "], r"position\(s\) \[1\]"), (["word " * 40], "exceed")],
 )
 def test_bad_class_names_are_refused_with_the_name(processor, class_names, message):
     with pytest.raises(ValueError, match=message):

@@ -309,7 +309,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_clip_dir, datase
     common = ("--max_steps", "5", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-4",
               "--warmup_steps", "0", "--no_final_evaluation")
     # Uninterrupted, checkpointing every step, keeping the last two.
-    reference = training.main(run_args(
+    reference = training.train(run_args(
         tiny_clip_dir, dataset_dir, tmp_path / "a", *common, "--checkpointing_steps", "1",
         "--checkpoints_total_limit", "2", batch_size=1))
     assert [path.name for path in list_checkpoints(tmp_path / "a")] == ["checkpoint-4", "checkpoint-5"]
@@ -328,23 +328,24 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_clip_dir, datase
 
     monkeypatch.setattr(training.AugmentedTrainSamples, "__getitem__", crashing_getitem)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        training.main(interrupted)
+        training.train(interrupted)
     monkeypatch.setattr(training.AugmentedTrainSamples, "__getitem__", original_getitem)
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
 
-    # Leftovers of a crash during a later save: a temporary folder and an incomplete checkpoint folder.
-    (tmp_path / "b" / ".tmp-checkpoint-4").mkdir()
-    (tmp_path / "b" / ".tmp-checkpoint-4" / "model.safetensors").write_bytes(b"partial")
-    (tmp_path / "b" / "checkpoint-4").mkdir()
-    (tmp_path / "b" / "checkpoint-4" / "model.safetensors").write_bytes(b"partial")
+    # Leftovers of a crash during a later save: a temporary folder and an incomplete checkpoint folder, both marked as
+    # written by the training module (as every folder it writes).
+    for leftover in (".tmp-checkpoint-4", "checkpoint-4"):
+        (tmp_path / "b" / leftover).mkdir()
+        (tmp_path / "b" / leftover / "model.safetensors").write_bytes(b"partial")
+        (tmp_path / "b" / leftover / training.OWNER_MARKER).write_text("")
     assert find_latest_checkpoint(tmp_path / "b") == tmp_path / "b" / "checkpoint-2"
     state = json.loads((tmp_path / "b" / "checkpoint-2" / "training_state.json").read_text())
     assert (state["global_step"], state["consumed_samples"], state["epoch"], state["position_in_epoch"]) == (2, 4, 0, 4)
 
-    resumed = training.main(interrupted + ["--resume_from_checkpoint", "latest"])
+    resumed = training.train(interrupted + ["--resume_from_checkpoint", "latest"])
     assert resumed["global_step"] == 5
     expected, actual = load_weights(tmp_path / "a"), load_weights(tmp_path / "b")
     assert expected.keys() == actual.keys()
@@ -377,7 +378,7 @@ def test_loss_falls_and_logged_learning_rates_follow_the_schedule(tiny_clip_dir,
         return evaluate_model(*args, image_processor=image_processor, **kwargs)
 
     monkeypatch.setattr(training, "evaluate_model", recording_evaluate_model)
-    result = training.main(run_args(
+    result = training.train(run_args(
         tiny_clip_dir, dataset_dir, tmp_path / "run", "--max_steps", str(steps), "--learning_rate", "1e-4",
         "--warmup_steps", str(warmup), "--lr_decay_steps", str(steps), "--seed", "1", "--gradient_checkpointing",
         "True", batch_size=3))
@@ -403,7 +404,7 @@ def test_transductive_stage_starts_from_an_inductive_checkpoint_and_pushes(
     tiny_clip_dir, dataset_dir, tmp_path, monkeypatch
 ):
     inductive_dir = tmp_path / "inductive"
-    training.main(run_args(tiny_clip_dir, dataset_dir, inductive_dir, "--max_steps", "2", "--checkpointing_steps", "2",
+    training.train(run_args(tiny_clip_dir, dataset_dir, inductive_dir, "--max_steps", "2", "--checkpointing_steps", "2",
                            "--learning_rate", "1e-4", "--warmup_steps", "0", "--no_final_evaluation"))
     from accelerate.state import AcceleratorState, GradientState
 
@@ -435,7 +436,7 @@ def test_transductive_stage_starts_from_an_inductive_checkpoint_and_pushes(
     monkeypatch.setattr(clip_rc.CLIPRCModel, "encode_class_prompts", no_text_encoding)
     start = inductive_dir / "checkpoint-2"
     output_dir = tmp_path / "transductive"
-    result = training.main([
+    result = training.train([
         "--preset", "voc-transductive", "--model_name_or_path", str(start), "--dataset", str(dataset_dir),
         "--output_dir", str(output_dir), "--max_steps", "2", "--per_device_train_batch_size", "2",
         "--logging_steps", "1", "--eval_steps", "0", "--checkpointing_steps", "0",
