@@ -281,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", required=True, help="Local folder or Hub id of a CLIP-RC model.")
     model.add_argument("--processor", default=None, help="Processor / tokenizer folder or Hub id (default: --model).")
     model.add_argument("--trust_remote_code", action="store_true", help="Allow custom code from the Hub.")
+    model.add_argument("--allow_missing_weights", action="store_true",
+                       help="Score a model whose checkpoint lacks weights (they are randomly initialised).")  # fmt: skip
 
     data = parser.add_argument_group("data (one of --data_root / --dataset)")
     data.add_argument("--data_root", default=None, help="Local benchmark tree (VOCdevkit, COCO-Stuff, Context).")
@@ -427,7 +429,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     accelerator = Accelerator(cpu=args.cpu or launched_without_accelerator())
     setup_logging(accelerator.is_main_process)
     model, image_processor, tokenizer = load_model_and_processor(
-        args.model, args.processor, trust_remote_code=args.trust_remote_code, device=accelerator.device
+        args.model, args.processor, trust_remote_code=args.trust_remote_code, device=accelerator.device,
+        allow_missing_weights=args.allow_missing_weights,
     )
     dataset, split, dataset_num_classes = load_eval_split(args)
     classes, palette = classes_from_args(args, model, image_processor, tokenizer)

@@ -17,6 +17,7 @@ from transformers.utils import logging
 
 from .image_processing_clip_rc import CLIPRCImageProcessor
 from .processing_clip_rc import CLIPRCProcessor
+from .utils import check_model_folder, non_finite_tensors
 
 
 logger = logging.get_logger(__name__)
@@ -29,9 +30,12 @@ def load_model_and_processor(
     processor_name_or_path: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    allow_missing_weights: bool = False,
 ) -> tuple[torch.nn.Module, CLIPRCImageProcessor, Any]:
     """
-    Load a CLIP-RC model with its image processor and tokenizer.
+    Load a CLIP-RC model with its image processor and tokenizer, refusing what would segment silently wrong: a local
+    folder is checked first (config.json, complete weight files; errors name the file), a weight the checkpoint lacks
+    (it would be freshly initialised) is an error unless `allow_missing_weights`, and non-finite weights are refused.
 
     The model loads through `AutoModelForSemanticSegmentation` (a local folder saved by this package resolves once
     `clip_rc` is imported; a Hub id with custom code needs `trust_remote_code=True`). The image processor and
@@ -42,16 +46,28 @@ def load_model_and_processor(
         `(model, image_processor, tokenizer)`: the model in eval mode on `device`; `tokenizer` is `None` when none
         is found (the model then segments with its own persisted classes only).
     """
-    model = AutoModelForSemanticSegmentation.from_pretrained(
-        os.fspath(model_name_or_path), trust_remote_code=trust_remote_code
+    source = os.fspath(model_name_or_path)
+    if os.path.isdir(source):
+        check_model_folder(source)
+    model, loading_info = AutoModelForSemanticSegmentation.from_pretrained(
+        source, trust_remote_code=trust_remote_code, output_loading_info=True
     )
     if getattr(model.config, "model_type", None) != "clip_rc":
         raise ValueError(f"{model_name_or_path} holds a {type(model).__name__}, not a CLIP-RC model.")
+    missing = sorted(loading_info["missing_keys"])
+    if missing and not allow_missing_weights:
+        raise ValueError(
+            f"{model_name_or_path} lacks {len(missing)} weight(s), which would be randomly initialised: "
+            f"{missing[:10]}. Pass allow_missing_weights (--allow_missing_weights) to use the model anyway."
+        )
+    non_finite = non_finite_tensors(model.state_dict())
+    if non_finite:
+        raise ValueError(f"{model_name_or_path} holds non-finite weights (NaN or inf) in {non_finite[:10]}.")
     model.eval()
     if device is not None:
         model.to(device)
-    source = os.fspath(processor_name_or_path if processor_name_or_path is not None else model_name_or_path)
-    return model, _image_processor_at(source, model.config), _tokenizer_at(source)
+    processor_source = os.fspath(processor_name_or_path) if processor_name_or_path is not None else source
+    return model, _image_processor_at(processor_source, model.config), _tokenizer_at(processor_source)
 
 
 def _image_processor_at(source: str, config) -> CLIPRCImageProcessor:

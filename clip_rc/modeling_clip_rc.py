@@ -27,6 +27,7 @@ from transformers.utils import logging
 from transformers.utils.generic import TransformersKwargs, can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
+from .benchmarks import check_class_names
 from .configuration_clip_rc import CLIPRCConfig
 
 
@@ -727,6 +728,7 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
         if not bool(torch.isfinite(text_embeds).all()):
             raise ValueError("text_embeds hold non-finite values (NaN or inf).")
         if class_names is not None:
+            check_class_names(class_names, field="class_names")
             if len(class_names) != text_embeds.shape[0]:
                 raise ValueError(f"{len(class_names)} class names for {text_embeds.shape[0]} embeddings.")
             if list(class_names) != self.config.class_names:

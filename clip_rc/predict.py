@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_legend", action="store_true", help="Do not draw the legend on the overlays.")
     parser.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow the model's own code from the Hub.")
+    parser.add_argument("--allow_missing_weights", action="store_true",
+                        help="Use a model whose checkpoint lacks weights (they are randomly initialised).")  # fmt: skip
     return parser
 
 
@@ -132,7 +134,8 @@ def predict(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, image_processor, tokenizer = load_model_and_processor(
-        args.model, args.processor, trust_remote_code=args.trust_remote_code, device=device
+        args.model, args.processor, trust_remote_code=args.trust_remote_code, device=device,
+        allow_missing_weights=args.allow_missing_weights,
     )
     class_names, text_embeds = model.config.class_names, None
     palette = class_palette(class_names, model.config.benchmark)
@@ -167,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     try:
         _, failures = predict(args)
-    except FileExistsError as error:
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
         logger.error(str(error))
         return 1
     if failures:
