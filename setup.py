@@ -25,7 +25,8 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # parameterized: transformers' common test suites, which tests/transformers_suites.py runs, import it.
+        "test": ["pytest>=8", "parameterized>=0.9"],
         "tensorboard": ["tensorboard>=2.14"],
         "plots": ["matplotlib>=3.8"],
     },

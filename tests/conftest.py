@@ -5,6 +5,8 @@ import torch
 
 from clip_rc import CLIPRCConfig, CLIPRCForSemanticSegmentation
 
+from .transformers_suites import SUITE_MARKERS
+
 
 TINY_VISION = {
     "hidden_size": 32,
@@ -25,6 +27,12 @@ TINY_TEXT = {
     "eos_token_id": 63,
     "pad_token_id": 63,
 }
+
+
+def pytest_configure(config):
+    """Register the markers of transformers' common suites (their own conftest does it upstream)."""
+    for marker in SUITE_MARKERS:
+        config.addinivalue_line("markers", f"{marker}: a marker of transformers' common test suites")
 
 
 def tiny_config(**overrides) -> CLIPRCConfig:
