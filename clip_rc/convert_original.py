@@ -696,7 +696,7 @@ def _convert_original(
         summary.class_embeddings = "from the given embeddings"
     elif tokenizer is not None:
         processor = CLIPRCProcessor(CLIPRCImageProcessor.from_model_config(config), tokenizer)
-        prompts = processor(text=config.class_names, templates=config.prompt_templates, return_tensors="pt")
+        prompts = processor.tokenize_class_names(config.class_names, config.prompt_templates, return_tensors="pt")
         model.set_class_embeddings(model.clip_rc.encode_class_prompts(prompts["input_ids"], prompts["attention_mask"]))
         summary.class_embeddings = (
             f"computed with the converted text tower ({config.num_labels} classes x "

@@ -99,7 +99,7 @@ def encode_class_names(
             "(or tokenizer) folder."
         )
     templates = list(templates) if templates else list(model.config.prompt_templates)
-    prompts = CLIPRCProcessor(image_processor, tokenizer)(text=list(class_names), templates=templates, return_tensors="pt")
+    prompts = CLIPRCProcessor(image_processor, tokenizer).tokenize_class_names(list(class_names), templates, return_tensors="pt")
     device = model.class_embeddings.device
     return model.clip_rc.encode_class_prompts(prompts["input_ids"].to(device), prompts["attention_mask"].to(device))
 

@@ -191,6 +191,9 @@ class CLIPRCVisionTransformer(nn.Module):
     transformers' `CLIPVisionTransformer`, so CLIP weights in the Hub's format load by name.
     """
 
+    # Read by transformers' attention dispatch of composite models (the tower's CLIP layers support SDPA).
+    _supports_sdpa = True
+
     def __init__(self, config: CLIPRCConfig):
         super().__init__()
         self.config = config
@@ -528,6 +531,13 @@ class CLIPRCPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["CLIPEncoderLayer", "CLIPRCDecoderLayer"]
     _can_record_outputs = {"hidden_states": CLIPEncoderLayer, "attentions": CLIPAttention}
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # Custom code makes `initialize_weights` skip every module without parameters of its own, which would skip the
+        # CLIP text tower's attention and MLP initialisation when weights are missing (but not when the model is
+        # built). That shortcut is for `_init_weights` that bypass `transformers.initialization`; this one does not.
+        return False
+
     def _init_weights(self, module):
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
@@ -570,8 +580,10 @@ class CLIPRCModel(CLIPRCPreTrainedModel):
 
     def __init__(self, config: CLIPRCConfig):
         super().__init__(config)
-        # The towers' CLIP layers read their attention kernel from the sub-configs: the setter passes it down.
-        config._attn_implementation = config._attn_implementation
+        # The towers' CLIP layers read their attention kernel from the sub-configs; one set for a tower alone wins.
+        for sub_config in (config.vision_config, config.text_config):
+            if sub_config._attn_implementation is None:
+                sub_config._attn_implementation = config._attn_implementation
         self.vision_model = CLIPRCVisionTransformer(config)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.text_model = CLIPTextModel._from_config(config.text_config)
@@ -579,7 +591,11 @@ class CLIPRCModel(CLIPRCPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.vision_model.embeddings.patch_embedding
+        """The text tower's token embedding, as for transformers' CLIP models."""
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.text_model.embeddings.token_embedding = value
 
     @can_return_tuple
     def get_image_features(
@@ -589,7 +605,7 @@ class CLIPRCModel(CLIPRCPreTrainedModel):
         The prompted image tower, as transformers' CLIP returns it: `last_hidden_state` (B, 1 + P + N + R, D) and
         `pooler_output` (B, E), the projected (not normalised) class token; `hidden_states` / `attentions` on request.
         """
-        outputs = self(pixel_values=pixel_values, **kwargs)
+        outputs = self(pixel_values=pixel_values, return_dict=True, **kwargs)
         pooled = self.visual_projection(outputs.last_hidden_state[:, 0])
         return BaseModelOutputWithPooling(
             last_hidden_state=outputs.last_hidden_state,
@@ -976,7 +992,7 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
             region_tokens = model.clip_rc.vision_model.region_tokens
             region_tokens.copy_(region_init.expand_as(region_tokens))
         if processor is not None:
-            prompts = processor(text=config.class_names, templates=config.prompt_templates, return_tensors="pt")
+            prompts = processor.tokenize_class_names(config.class_names, config.prompt_templates, return_tensors="pt")
             model.set_class_embeddings(model.clip_rc.encode_class_prompts(prompts["input_ids"], prompts["attention_mask"]))
         else:
             logger.info("No processor given to from_clip: class embeddings are not set; call set_class_embeddings().")

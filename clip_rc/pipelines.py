@@ -112,7 +112,7 @@ class CLIPRCSegmentationPipeline(Pipeline):
                     "candidate_labels need the model's tokenizer, and none was found beside the model: pass "
                     "tokenizer= (or processor=) to pipeline(...)."
                 )
-            prompts = CLIPRCProcessor(self.image_processor, self.tokenizer)(text=labels, templates=templates, return_tensors="pt")
+            prompts = CLIPRCProcessor(self.image_processor, self.tokenizer).tokenize_class_names(labels, templates, return_tensors="pt")
             self._text_cache[key] = self.model.clip_rc.encode_class_prompts(
                 prompts["input_ids"].to(self.device), prompts["attention_mask"].to(self.device)
             )

@@ -566,7 +566,7 @@ def test_cli_writes_a_loadable_folder_and_keeps_a_good_one_on_failure(tmp_path, 
         assert torch.equal(loaded(pixel_values).logits, expected(pixel_values).logits)
     # Class embeddings were computed with the converted text tower from the config's classes and templates.
     processor = CLIPRCProcessor(CLIPRCImageProcessor.from_model_config(tiny_config()), tokenizer)
-    prompts = processor(text=tiny_config().class_names, templates=tiny_config().prompt_templates, return_tensors="pt")
+    prompts = processor.tokenize_class_names(tiny_config().class_names, tiny_config().prompt_templates, return_tensors="pt")
     torch.testing.assert_close(
         loaded.class_embeddings, expected.clip_rc.encode_class_prompts(prompts["input_ids"], prompts["attention_mask"])
     )

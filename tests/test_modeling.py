@@ -434,7 +434,7 @@ def test_base_model_features_follow_transformers_contracts(model):
     input_ids[:, -1] = 63
     text = base.get_text_features(input_ids)
     torch.testing.assert_close(F.normalize(text.pooler_output, dim=-1), base.encode_class_prompts(input_ids))
-    assert base.get_input_embeddings() is base.vision_model.embeddings.patch_embedding
+    assert base.get_input_embeddings() is base.text_model.embeddings.token_embedding
     assert base(pixel_values, input_ids=input_ids).text_embeds.shape == (3, 24)
 
 
@@ -620,7 +620,7 @@ def test_from_clip_with_a_processor_persists_class_embeddings(tmp_path):
     config = tiny_config(prompt_templates=["a photo of a {}", "there is a {} in the scene"])
     processor = CLIPRCProcessor(CLIPRCImageProcessor.from_model_config(config), AutoTokenizer.from_pretrained(clip_dir))
     model = CLIPRCForSemanticSegmentation.from_clip(clip_dir, config, processor=processor).eval()
-    prompts = processor(text=["cat", "dog", "grass"], templates=config.prompt_templates, return_tensors="pt")
+    prompts = processor.tokenize_class_names(["cat", "dog", "grass"], config.prompt_templates, return_tensors="pt")
     assert prompts["input_ids"].shape[:2] == (3, 2)
     torch.testing.assert_close(model.class_embeddings, model.clip_rc.encode_class_prompts(**prompts))
     # The saved model segments without a tokenizer.

@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
 def assert_same_maps(maps, expected):
     assert len(maps) == len(expected)
     for label_map, reference in zip(maps, expected):
-        assert torch.equal(torch.as_tensor(np.array(label_map), dtype=torch.long), reference)
+        assert torch.equal(torch.tensor(np.asarray(label_map), dtype=torch.long), reference)
 
 
 def pipeline_label_map(segments, class_names, size) -> np.ndarray:

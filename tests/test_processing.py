@@ -171,9 +171,9 @@ def test_image_processor_round_trip(tmp_path, small_processor):
     assert torch.equal(auto(image, return_tensors="pt")["pixel_values"], expected)
 
 
-def test_text_prompts_shape_padding_and_eot(processor):
+def test_class_names_become_templated_prompts_with_the_eot_kept(processor):
     tokenizer = processor.tokenizer
-    output = processor(text=["cat", "pottedplant", "sky"], return_tensors="pt")
+    output = processor.tokenize_class_names(["cat", "pottedplant", "sky"], return_tensors="pt")
     assert set(output) == {"input_ids", "attention_mask"}
     assert output["input_ids"].shape == (3, 2, 32) and output["attention_mask"].shape == (3, 2, 32)
     expected = tokenizer(["a photo of a pottedplant.", "a pottedplant in the scene."])["input_ids"]
@@ -185,13 +185,10 @@ def test_text_prompts_shape_padding_and_eot(processor):
         assert (row[len(ids) :] == tokenizer.pad_token_id).all()
         assert output["attention_mask"][1, template_index].tolist() == [1] * len(ids) + [0] * (32 - len(ids))
     assert tokenizer.convert_ids_to_tokens(int(output["input_ids"][0, 0, 7])) == EOS_TOKEN
-
-    longest = processor(text=["cat"], templates=["{}"], padding="longest", return_tensors="pt")
-    assert longest["input_ids"].shape == (1, 1, 3)
-    lists = processor(text="dog")
-    assert np.array(lists["input_ids"]).shape == (1, 2, 32)
-    with pytest.raises(ValueError, match="Pass images, text"):
-        processor()
+    assert np.array(processor.tokenize_class_names("dog")["input_ids"]).shape == (1, 2, 32)
+    assert processor.tokenize_class_names(["cat"], templates=["{}"], return_tensors="pt")["input_ids"].shape == (1, 1, 32)
+    with pytest.raises(ValueError, match="template"):
+        processor.tokenize_class_names(["cat"], templates=["no slot"])
 
 
 @pytest.mark.parametrize(
@@ -200,23 +197,28 @@ def test_text_prompts_shape_padding_and_eot(processor):
 )
 def test_bad_class_names_are_refused_with_the_name(processor, class_names, message):
     with pytest.raises(ValueError, match=message):
-        processor(text=class_names)
+        processor.tokenize_class_names(class_names)
 
 
 def test_default_templates(image_processor):
     processor = CLIPRCProcessor(image_processor, build_tiny_clip_tokenizer())
-    assert processor.templates == ("a photo of a {}",)
-    assert processor(text=["cat", "dog"], return_tensors="pt")["input_ids"].shape == (2, 1, 32)
+    assert processor.templates == ["a photo of a {}"]
+    assert processor.tokenize_class_names(["cat", "dog"], return_tensors="pt")["input_ids"].shape == (2, 1, 32)
 
 
-def test_processor_images_and_text(processor):
+def test_processor_call_follows_transformers_conventions(processor):
     images = [PIL.Image.new("RGB", (64, 32)), PIL.Image.new("RGB", (32, 64))]
-    output = processor(images=images, text=["cat", "dog"], return_tensors="pt")
+    output = processor(images=images, text=["a cat", "a dog"], return_tensors="pt")
     assert output["pixel_values"].shape == (6, 3, 512, 512)
     assert output["image_sizes"].tolist() == [[512, 1024], [1024, 512]]
-    assert output["input_ids"].shape == (2, 2, 32)
+    # Text prompts go through the tokenizer as they are, padded to its length.
+    assert torch.equal(output["input_ids"], processor.tokenizer(["a cat", "a dog"], padding="max_length", return_tensors="pt")["input_ids"])
     images_only = processor(images=images[0], return_tensors="pt", size={"shortest_edge": 64}, do_sliding_window=False)
     assert images_only["pixel_values"].shape == (1, 3, 64, 128) and "input_ids" not in images_only
+    nested = processor(images=images[0], images_kwargs={"size": {"shortest_edge": 64}, "do_sliding_window": False}, return_tensors="pt")
+    assert torch.equal(nested["pixel_values"], images_only["pixel_values"])
+    with pytest.raises(ValueError, match="Pass images, text"):
+        processor()
 
 
 def test_processor_round_trip_with_auto_processor(tmp_path, processor):
@@ -230,9 +232,9 @@ def test_processor_round_trip_with_auto_processor(tmp_path, processor):
     auto = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(auto).__name__ == "CLIPRCProcessor" and type(auto.image_processor).__name__ == "CLIPRCImageProcessor"
     image = PIL.Image.new("RGB", (48, 24), (200, 100, 0))
-    expected = processor(images=image, text=["cat", "sky"], return_tensors="pt")
+    expected = {**processor(images=image, return_tensors="pt"), **processor.tokenize_class_names(["cat", "sky"], return_tensors="pt")}
     for loaded in (reloaded, auto):
         assert loaded.templates == processor.templates
-        output = loaded(images=image, text=["cat", "sky"], return_tensors="pt")
+        output = {**loaded(images=image, return_tensors="pt"), **loaded.tokenize_class_names(["cat", "sky"], return_tensors="pt")}
         for key in ("pixel_values", "image_sizes", "input_ids", "attention_mask"):
             assert torch.equal(output[key], expected[key]), key
