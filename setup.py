@@ -29,6 +29,8 @@ setup(
         "test": ["pytest>=8", "parameterized>=0.9"],
         "tensorboard": ["tensorboard>=2.14"],
         "plots": ["matplotlib>=3.8"],
+        # clip-rc-export --format onnx (onnx, onnxscript) and the ONNX Runtime backend.
+        "onnx": ["onnx>=1.21", "onnxscript>=0.7", "onnxruntime>=1.32"],
     },
     entry_points={
         "console_scripts": [
@@ -39,6 +41,7 @@ setup(
             "clip-rc-flops = clip_rc.flops:main_flops",
             "clip-rc-benchmark = clip_rc.benchmark:main",
             "clip-rc-demo = clip_rc.demo:main",
+            "clip-rc-export = clip_rc.export:main",
         ]
     },
 )

@@ -1032,12 +1032,12 @@ def _openai_heads(width: int, tower: str, origin: str) -> int:
 
 
 @contextmanager
-def atomic_output_dir(target: str | os.PathLike):
+def atomic_output_dir(target: str | os.PathLike, replace_other_files: bool = False):
     """
     Yield a fresh temporary sibling of `target` to write into; on success it replaces `target` (an existing folder
     is swapped out and removed only after the new one is in place); on failure it is deleted and `target` is left
-    untouched. An existing folder holding files the new one does not (a user's files, another model's) is never
-    replaced: that is an error listing them.
+    untouched. An existing folder holding files the new one does not (a user's files, another model's) is not
+    replaced unless `replace_other_files` (the user asked to overwrite it): that is an error listing them.
     """
     target = Path(target)
     if target.exists() and not target.is_dir():
@@ -1048,7 +1048,7 @@ def atomic_output_dir(target: str | os.PathLike):
     temporary.mkdir()
     try:
         yield temporary
-        if target.exists():
+        if target.exists() and not replace_other_files:
             extra = sorted({entry.name for entry in target.iterdir()} - {entry.name for entry in temporary.iterdir()})
             if extra:
                 raise FileExistsError(

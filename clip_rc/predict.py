@@ -14,6 +14,9 @@ templates (`config.prompt_templates`) and the tokenizer saved beside the model: 
 the model's own classes are used (the class embeddings persisted in the checkpoint), with the reference's calibration
 of the seen classes. Images go through the one inference path ([`clip_rc.inference.segment_images`]). An image that
 cannot be read is reported by name and skipped; the command then exits with status 1 after the others are done.
+
+With `--backend onnxruntime`, `--model` is a `clip-rc-export --format onnx` folder, run by ONNX Runtime
+([`clip_rc.exported_model.CLIPRCExportedModel`]) through the same processor and post-processing.
 """
 
 import argparse
@@ -28,6 +31,7 @@ from typing import Any
 import PIL.Image
 import torch
 
+from .exported_model import load_exported_model_and_processor
 from .inference import encode_class_names, load_model_and_processor, segment_images
 from .benchmarks import check_class_names
 from .utils import atomic_path, setup_logging
@@ -69,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=0.5, help="Opacity of the class colours in the overlay.")
     parser.add_argument("--no_legend", action="store_true", help="Do not draw the legend on the overlays.")
     parser.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
+    parser.add_argument(
+        "--backend",
+        default="pytorch",
+        choices=["pytorch", "onnxruntime"],
+        help="pytorch: a model folder; onnxruntime: a `clip-rc-export --format onnx` folder.",
+    )
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow the model's own code from the Hub.")
     parser.add_argument("--allow_missing_weights", action="store_true",
                         help="Use a model whose checkpoint lacks weights (they are randomly initialised).")  # fmt: skip
@@ -128,15 +138,21 @@ def _save_outputs(image, label_map, output: _Outputs, palette, class_names, alph
         overlay.save(temporary)
 
 
+def _load_model_and_processor(args: argparse.Namespace):
+    if args.backend == "onnxruntime":
+        return load_exported_model_and_processor(args.model, args.processor, device=args.device, export_format="onnx")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model_and_processor(
+        args.model, args.processor, trust_remote_code=args.trust_remote_code, device=device,
+        allow_missing_weights=args.allow_missing_weights,
+    )
+
+
 def predict(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     """Segment `args.images`; returns one record per written image (paths, class shares) and the failures."""
     from tqdm.auto import tqdm
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, image_processor, tokenizer = load_model_and_processor(
-        args.model, args.processor, trust_remote_code=args.trust_remote_code, device=device,
-        allow_missing_weights=args.allow_missing_weights,
-    )
+    model, image_processor, tokenizer = _load_model_and_processor(args)
     class_names, text_embeds = model.config.class_names, None
     palette = class_palette(class_names, model.config.benchmark)
     if args.classes is not None:
