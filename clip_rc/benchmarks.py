@@ -28,10 +28,22 @@ that [`clip_rc.data.load_segmentation_dataset`] returns (255 is the ignore index
   Context cross-dataset with a model trained on COCO-Stuff, so it uses [`COCO_STUFF_TEMPLATES`] for its prompts.
   Neither the reference nor ZegCLIP documents a seen/unseen split for Context, so `unseen_class_ids` is
   empty: every class counts as seen, and "unseen" metrics are not defined for these benchmarks.
+- `"ade20k-150"`: ADE20K / SceneParse150 (`ADEChallengeData2016`), the 150 classes of mmsegmentation's
+  `ADE20KDataset` in train-id order (stored label 0 is "other objects" and is dropped: stored `k` is train id
+  `k - 1`) and its palette (which repeats one colour, kept as is). mmsegmentation spells class 7 `"bed "` with a
+  trailing space; it is `"bed"` here, as every other name has no surrounding space. Like Context it is scored
+  cross-dataset with a COCO-Stuff model, so its prompts use [`COCO_STUFF_TEMPLATES`]; neither the reference,
+  ZegCLIP nor mmsegmentation publishes a seen / unseen split of ADE20K-150, so `unseen_class_ids` is empty.
+
+Your own classes come from the command line, a class-names file or a dataset's `id2label.json`: [`ClassList`]
+holds such a list with its zero-shot split, [`class_list`] builds and checks one, [`parse_class_ids`] reads a
+split given by names or ids.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from difflib import get_close_matches
+from pathlib import Path
 from string import Formatter
 
 
@@ -39,10 +51,18 @@ __all__ = [
     "Benchmark",
     "BENCHMARKS",
     "COCO_STUFF_TEMPLATES",
+    "ClassList",
     "VOC_TEMPLATES",
+    "benchmark_of_class_names",
     "check_class_names",
     "check_templates",
+    "class_list",
+    "class_names_from_arguments",
+    "class_names_from_id2label",
     "get_benchmark",
+    "parse_class_ids",
+    "parse_class_names",
+    "read_class_names_file",
 ]
 
 
@@ -296,6 +316,51 @@ PASCAL_CONTEXT_59_PALETTE = (
 )  # fmt: skip
 
 
+# mmsegmentation's ADE20KDataset classes (its "bed " without the trailing space) and palette.
+ADE20K_150_CLASS_NAMES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
+    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
+    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
+    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
+    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
+    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
+    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)  # fmt: skip
+
+ADE20K_150_PALETTE = (
+    (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80), (140, 140, 140),
+    (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7), (150, 5, 61), (120, 120, 70),
+    (8, 255, 51), (255, 6, 82), (143, 255, 140), (204, 255, 4), (255, 51, 7), (204, 70, 3), (0, 102, 200),
+    (61, 230, 250), (255, 6, 51), (11, 102, 255), (255, 7, 71), (255, 9, 224), (9, 7, 230), (220, 220, 220),
+    (255, 9, 92), (112, 9, 255), (8, 255, 214), (7, 255, 224), (255, 184, 6), (10, 255, 71), (255, 41, 10),
+    (7, 255, 255), (224, 255, 8), (102, 8, 255), (255, 61, 6), (255, 194, 7), (255, 122, 8), (0, 255, 20),
+    (255, 8, 41), (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20), (0, 163, 255), (140, 140, 140),
+    (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0), (153, 255, 0), (0, 0, 255),
+    (255, 71, 0), (0, 235, 255), (0, 173, 255), (31, 0, 255), (11, 200, 200), (255, 82, 0), (0, 255, 245),
+    (0, 61, 255), (0, 255, 112), (0, 255, 133), (255, 0, 0), (255, 163, 0), (255, 102, 0), (194, 255, 0),
+    (0, 143, 255), (51, 255, 0), (0, 82, 255), (0, 255, 41), (0, 255, 173), (10, 0, 255), (173, 255, 0),
+    (0, 255, 153), (255, 92, 0), (255, 0, 255), (255, 0, 245), (255, 0, 102), (255, 173, 0), (255, 0, 20),
+    (255, 184, 184), (0, 31, 255), (0, 255, 61), (0, 71, 255), (255, 0, 204), (0, 255, 194), (0, 255, 82),
+    (0, 10, 255), (0, 112, 255), (51, 0, 255), (0, 194, 255), (0, 122, 255), (0, 255, 163), (255, 153, 0),
+    (0, 255, 10), (255, 112, 0), (143, 255, 0), (82, 0, 255), (163, 255, 0), (255, 235, 0), (8, 184, 170),
+    (133, 0, 255), (0, 255, 92), (184, 0, 255), (255, 0, 31), (0, 184, 255), (0, 214, 255), (255, 0, 112),
+    (92, 255, 0), (0, 224, 255), (112, 224, 255), (70, 184, 160), (163, 0, 255), (153, 0, 255), (71, 255, 0),
+    (255, 0, 163), (255, 204, 0), (255, 0, 143), (0, 255, 235), (133, 255, 0), (255, 0, 235), (245, 0, 255),
+    (255, 0, 122), (255, 245, 0), (10, 190, 212), (214, 255, 0), (0, 204, 255), (20, 0, 255), (255, 255, 0),
+    (0, 153, 255), (0, 41, 255), (0, 255, 204), (41, 0, 255), (41, 255, 0), (173, 0, 255), (0, 245, 255),
+    (71, 0, 255), (122, 0, 255), (0, 255, 184), (0, 92, 255), (184, 255, 0), (0, 133, 255), (255, 214, 0),
+    (25, 194, 194), (102, 255, 0), (92, 0, 255),
+)  # fmt: skip
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "voc": Benchmark(
         name="voc",
@@ -325,6 +390,13 @@ BENCHMARKS: dict[str, Benchmark] = {
         templates=COCO_STUFF_TEMPLATES,
         palette=((120, 120, 120),) + PASCAL_CONTEXT_59_PALETTE,
     ),
+    "ade20k-150": Benchmark(
+        name="ade20k-150",
+        class_names=ADE20K_150_CLASS_NAMES,
+        unseen_class_ids=(),
+        templates=COCO_STUFF_TEMPLATES,
+        palette=ADE20K_150_PALETTE,
+    ),
 }
 
 
@@ -348,3 +420,167 @@ def get_benchmark(name: str | Benchmark) -> Benchmark:
         allowed = ", ".join(repr(key) for key in BENCHMARKS)
         raise ValueError(f"Unknown benchmark {name!r}; expected one of {allowed}.")
     return BENCHMARKS[name]
+
+
+def benchmark_of_class_names(class_names: Sequence[str]) -> Benchmark | None:
+    """The known benchmark whose class list is exactly `class_names` (same names, same order), or `None`."""
+    names = tuple(class_names)
+    return next((benchmark for benchmark in BENCHMARKS.values() if benchmark.class_names == names), None)
+
+
+def parse_class_names(text: str, field: str = "--class_names") -> tuple[str, ...]:
+    """Comma-separated class names in label-id order (spaces around each name are dropped), checked."""
+    return check_class_names([name.strip() for name in text.split(",")], field=field)
+
+
+def read_class_names_file(path: str | Path) -> tuple[str, ...]:
+    """
+    The class names of a UTF-8 text file, one a line: line `k + 1` names label id `k`. Spaces around a name and blank
+    lines at the end are dropped; any other blank line, bytes that are not UTF-8, or a repeated name are errors naming
+    the file (and the line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Missing class names file {path}.")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"The class names file {path} is not valid UTF-8 ({error.reason} at byte {error.start}); save it as UTF-8."
+        ) from error
+    names = [line.strip() for line in text.splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    blank = [number for number, name in enumerate(names, start=1) if not name]
+    if blank:
+        raise ValueError(
+            f"Line(s) {blank[:10]} of the class names file {path} are blank: write one class name a line (line k + 1 "
+            "names label id k)."
+        )
+    return check_class_names(names, field=f"class names file {path}")
+
+
+def class_names_from_id2label(id2label: Mapping, source: str) -> tuple[str, ...]:
+    """
+    The class names of an `id2label` mapping (as `id2label.json` stores it: keys are the label ids 0 .. N-1, as
+    integers or decimal strings; values the names), in id order. Errors name `source`.
+    """
+    if not isinstance(id2label, Mapping) or not id2label:
+        raise ValueError(
+            f"{source} must be a non-empty JSON object mapping label ids to class names, got {id2label!r}."
+        )
+    names_by_id = {}
+    for key, name in id2label.items():
+        text = str(key).strip()
+        if isinstance(key, bool) or not text.isdigit():
+            raise ValueError(f"{source}: the key {key!r} is not a label id (a non-negative integer).")
+        if int(text) in names_by_id:
+            raise ValueError(f"{source} names label id {int(text)} twice.")
+        names_by_id[int(text)] = name
+    missing = sorted(set(range(len(names_by_id))) - set(names_by_id))
+    if missing:
+        raise ValueError(
+            f"{source} must number its {len(names_by_id)} classes 0 .. {len(names_by_id) - 1}; ids {missing[:10]} are "
+            f"missing (it has {sorted(names_by_id)[:10]}{' ...' if len(names_by_id) > 10 else ''})."
+        )
+    return check_class_names([names_by_id[class_id] for class_id in range(len(names_by_id))], field=source)
+
+
+def class_names_from_arguments(
+    class_names: str | None, class_names_file: str | None
+) -> tuple[tuple[str, ...], str] | None:
+    """The class names given by `--class_names` (comma-separated) or `--class_names_file` (one a line) with a
+    description of where they come from, or `None` when neither is given; both at once is an error."""
+    if class_names is not None and class_names_file is not None:
+        raise ValueError("Give the classes with --class_names or with --class_names_file, not both.")
+    if class_names is not None:
+        return parse_class_names(class_names), "--class_names"
+    if class_names_file is not None:
+        return read_class_names_file(class_names_file), f"--class_names_file {class_names_file}"
+    return None
+
+
+def parse_class_ids(
+    classes: str | Sequence[str | int], class_names: Sequence[str], field: str = "--unseen_classes"
+) -> tuple[int, ...]:
+    """
+    Label ids of classes given by name or id (a comma-separated string or a list), ascending. A token is read as a
+    class name first, then as an integer id. Unknown names (with the closest known names), ids outside the class
+    list, empty tokens and repeated classes are errors naming `field`.
+    """
+    tokens = classes.split(",") if isinstance(classes, str) else list(classes)
+    label2id = {name: class_id for class_id, name in enumerate(class_names)}
+    ids = []
+    for token in tokens:
+        text = str(token).strip()
+        if not text:
+            raise ValueError(f"`{field}` holds an empty entry ({classes!r}); give class names or ids, comma-separated.")
+        if text in label2id:
+            ids.append(label2id[text])
+        elif text.lstrip("-").isdigit():
+            if not 0 <= int(text) < len(class_names):
+                raise ValueError(
+                    f"`{field}`: class id {int(text)} is outside the {len(class_names)} classes (ids 0 .. "
+                    f"{len(class_names) - 1})."
+                )
+            ids.append(int(text))
+        else:
+            close = get_close_matches(text, list(label2id), n=3)
+            hint = f" Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
+            raise ValueError(f"`{field}`: {text!r} is not one of the {len(class_names)} class names.{hint}")
+    repeated = sorted({class_names[i] for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise ValueError(f"`{field}` names a class more than once: {repeated[:10]}.")
+    return tuple(sorted(ids))
+
+
+@dataclass(frozen=True)
+class ClassList:
+    """
+    The classes of a dataset, as a model is trained on or scored with them.
+
+    Args:
+        names (`tuple[str, ...]`): class names in label-id order.
+        unseen_class_ids (`tuple[int, ...]`): the zero-shot split (ascending); `()` when every class is seen.
+        source (`str`): where the list comes from (a flag, a file, a benchmark), for messages.
+        benchmark (`str`, *optional*): the known benchmark with exactly these classes, `None` for your own.
+    """
+
+    names: tuple[str, ...]
+    unseen_class_ids: tuple[int, ...]
+    source: str
+    benchmark: str | None = None
+
+    @property
+    def seen_class_ids(self) -> tuple[int, ...]:
+        unseen = set(self.unseen_class_ids)
+        return tuple(class_id for class_id in range(len(self.names)) if class_id not in unseen)
+
+    @property
+    def benchmark_name(self) -> str:
+        """The benchmark name as saved in a model config: the benchmark's, or `"custom"` for your own classes."""
+        return self.benchmark or "custom"
+
+
+def class_list(
+    names: Sequence[str],
+    source: str,
+    unseen_classes: str | Sequence[str | int] | None = None,
+    default_unseen_class_ids: Sequence[int] | None = None,
+) -> ClassList:
+    """
+    A checked [`ClassList`]. Its zero-shot split is `unseen_classes` (names or ids, see [`parse_class_ids`]) when
+    given, else `default_unseen_class_ids`, else the split of the benchmark with exactly these classes, else none.
+    At least one class must stay seen.
+    """
+    names = check_class_names(names, field=source)
+    benchmark = benchmark_of_class_names(names)
+    if unseen_classes is not None:
+        unseen = parse_class_ids(unseen_classes, names)
+    elif default_unseen_class_ids is not None:
+        unseen = tuple(sorted(int(class_id) for class_id in default_unseen_class_ids))
+    else:
+        unseen = benchmark.unseen_class_ids if benchmark is not None else ()
+    if len(unseen) == len(names):
+        raise ValueError(f"`--unseen_classes` names all {len(names)} classes of {source}; at least one must be seen.")
+    return ClassList(names, tuple(unseen), source, benchmark.name if benchmark is not None else None)

@@ -47,6 +47,7 @@ mmcv compute; the HSV conversions of the photometric distortion follow OpenCV's 
 """
 
 import io
+import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -58,9 +59,16 @@ import datasets
 import numpy as np
 import PIL.Image
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 from transformers.utils import logging
 
-from .benchmarks import Benchmark, get_benchmark
+from .benchmarks import Benchmark, class_names_from_id2label, get_benchmark
 from .image_processing_clip_rc import get_rescaled_size, resize_image_array, resize_label_array
 
 
@@ -68,6 +76,7 @@ logger = logging.get_logger(__name__)
 
 __all__ = [
     "COCO_STUFF_UNUSED_IDS",
+    "ID2LABEL_FILE",
     "REFERENCE_IMAGE_MEAN",
     "REFERENCE_IMAGE_STD",
     "SegmentationDecoder",
@@ -75,10 +84,12 @@ __all__ = [
     "as_rgb_image",
     "collate_fn",
     "coco_stuff_train_id_lut",
+    "dataset_class_names",
     "installed_decoder",
     "load_segmentation_dataset",
     "photometric_distortion",
     "random_crop_box",
+    "read_id2label_file",
     "with_segmentation_transform",
 ]
 
@@ -94,6 +105,16 @@ COCO_STUFF_NUM_STUFF_THING_IDS = 182
 LabelMapping = Literal["identity", "reduce_zero_label", "coco_stuff_164k", "coco_stuff_auto"]
 LABEL_MAPPINGS = ("identity", "reduce_zero_label", "coco_stuff_164k", "coco_stuff_auto")
 COCO_TRAIN_IDS_SUFFIX = "_labelTrainIds.png"
+# How a benchmark's label maps are stored in dataset repositories when `label_mapping` is not given (identity for
+# the others): ADE20K's maps hold 0 for "other objects" and 1..150 for the classes, in mmsegmentation's
+# `ADEChallengeData2016` as in the Hub's scene_parse_150.
+_REPOSITORY_LABEL_MAPPINGS = {"ade20k-150": "reduce_zero_label"}
+# Column names of other datasets taken for `image` / `label` when those are absent, as transformers'
+# semantic-segmentation example renames them.
+_COLUMN_ALIASES = {"image": ("pixel_values",), "label": ("annotation",)}
+# The file of a dataset repository naming its classes (a JSON object label id -> name), read by transformers'
+# semantic-segmentation example.
+ID2LABEL_FILE = "id2label.json"
 
 _INVALID = -1
 
@@ -350,7 +371,10 @@ _LAYOUT_BENCHMARKS = {
     "voc": ("voc",),
     "pascal-context": ("pascal-context-59", "pascal-context-60"),
     "coco-stuff": ("coco-stuff",),
+    "ade20k": ("ade20k-150",),
 }
+# mmsegmentation's ADE20K folders of each split.
+_ADE20K_SPLIT_FOLDERS = {"train": "training", "val": "validation"}
 
 
 def _detect_layouts(root: Path) -> list[tuple[str, Path]]:
@@ -366,7 +390,14 @@ def _detect_layouts(root: Path) -> list[tuple[str, Path]]:
         if is_voc and not (candidate / "ImageSets" / "SegmentationContext").is_dir():
             layouts.append(("voc", candidate))
             break
-    if (root / "images").is_dir() and (root / "annotations").is_dir():
+    for candidate in (root, root / "ADEChallengeData2016"):
+        splits = [candidate / "images" / folder for folder in _ADE20K_SPLIT_FOLDERS.values()]
+        if (candidate / "annotations").is_dir() and any(folder.is_dir() for folder in splits):
+            layouts.append(("ade20k", candidate))
+            break
+    # COCO-Stuff's `images` / `annotations` hold `{train,val}2017`; ADE20K's (same names) `training` / `validation`.
+    is_ade20k = any(layout == "ade20k" and tree == root for layout, tree in layouts)
+    if (root / "images").is_dir() and (root / "annotations").is_dir() and not is_ade20k:
         layouts.append(("coco-stuff", root))
     return layouts
 
@@ -440,25 +471,27 @@ def _pascal_context_index(root: Path, split: str) -> tuple[list[str], list[str]]
     return _index_from_split_file(split_file, root / "JPEGImages", [root / "SegmentationClassContext"])
 
 
-def _coco_stuff_index(root: Path, split: str) -> tuple[list[str], list[str]]:
-    """Pairs `images/{split}2017/X.jpg` with `annotations/{split}2017/X_labelTrainIds.png` (preferred) or `X.png`."""
-    image_dir, label_dir = root / "images" / f"{split}2017", root / "annotations" / f"{split}2017"
+def _index_by_stem(
+    image_dir: Path, label_dir: Path, label_suffixes: Sequence[str], dataset_name: str
+) -> tuple[list[str], list[str]]:
+    """
+    Pairs every `image_dir/X.jpg` with `label_dir/X{suffix}` for the first of `label_suffixes` that exists. A missing
+    folder, an image without label map and a label map without image are errors naming the file.
+    """
     for folder in (image_dir, label_dir):
         if not folder.is_dir():
-            raise FileNotFoundError(f"Missing COCO-Stuff folder {folder}.")
+            raise FileNotFoundError(f"Missing {dataset_name} folder {folder}.")
     image_stems = sorted(entry.name[: -len(".jpg")] for entry in os.scandir(image_dir) if entry.name.endswith(".jpg"))
-    label_files = {entry.name for entry in os.scandir(label_dir) if entry.name.endswith(".png")}
-    label_stems = {name.removesuffix(COCO_TRAIN_IDS_SUFFIX).removesuffix(".png") for name in label_files}
+    label_files = {entry.name for entry in os.scandir(label_dir) if entry.name.endswith(tuple(label_suffixes))}
+    label_stems = {
+        name[: -len(next(suffix for suffix in label_suffixes if name.endswith(suffix)))] for name in label_files
+    }
     image_paths, label_paths = [], []
     for stem in image_stems:
-        for label_name in (f"{stem}{COCO_TRAIN_IDS_SUFFIX}", f"{stem}.png"):
-            if label_name in label_files:
-                break
-        else:
-            raise FileNotFoundError(
-                f"Missing label file for image {image_dir / (stem + '.jpg')}: expected "
-                f"{label_dir / (stem + COCO_TRAIN_IDS_SUFFIX)} or {label_dir / (stem + '.png')}."
-            )
+        label_name = next((stem + suffix for suffix in label_suffixes if stem + suffix in label_files), None)
+        if label_name is None:
+            expected = " or ".join(str(label_dir / (stem + suffix)) for suffix in label_suffixes)
+            raise FileNotFoundError(f"Missing label file for image {image_dir / (stem + '.jpg')}: expected {expected}.")
         image_paths.append(str(image_dir / f"{stem}.jpg"))
         label_paths.append(str(label_dir / label_name))
     orphans = sorted(label_stems - set(image_stems))
@@ -470,8 +503,24 @@ def _coco_stuff_index(root: Path, split: str) -> tuple[list[str], list[str]]:
     return image_paths, label_paths
 
 
-_TREE_INDEXERS = {"voc": _voc_index, "pascal-context": _pascal_context_index, "coco-stuff": _coco_stuff_index}
-_TREE_SPLITS = {"voc": ("train", "val"), "pascal-context": ("train", "val"), "coco-stuff": ("train", "val")}
+def _coco_stuff_index(root: Path, split: str) -> tuple[list[str], list[str]]:
+    """Pairs `images/{split}2017/X.jpg` with `annotations/{split}2017/X_labelTrainIds.png` (preferred) or `X.png`."""
+    return _index_by_stem(
+        root / "images" / f"{split}2017", root / "annotations" / f"{split}2017", (COCO_TRAIN_IDS_SUFFIX, ".png"),
+        "COCO-Stuff",
+    )  # fmt: skip
+
+
+def _ade20k_index(root: Path, split: str) -> tuple[list[str], list[str]]:
+    """mmsegmentation's ADE20K layout: pairs `images/{training,validation}/X.jpg` with `annotations/.../X.png`."""
+    folder = _ADE20K_SPLIT_FOLDERS[split]
+    return _index_by_stem(root / "images" / folder, root / "annotations" / folder, (".png",), "ADE20K")
+
+
+_TREE_INDEXERS = {
+    "voc": _voc_index, "pascal-context": _pascal_context_index, "coco-stuff": _coco_stuff_index, "ade20k": _ade20k_index
+}
+_TREE_SPLITS = {layout: ("train", "val") for layout in _TREE_INDEXERS}
 
 
 def _select_splits(available: Sequence[str], splits: Sequence[str] | str | None, source: str) -> list[str]:
@@ -516,6 +565,17 @@ def _is_saved_dataset(folder: Path) -> bool:
     return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
 
 
+def _column(column_names: Sequence[str], requested: str, role: str) -> str:
+    """The column holding `role` (`image` / `label`): `requested`, or a well-known alias of the default name (the
+    `annotation` column of scene_parse_150 for `label`) when the default is absent."""
+    if requested == role and requested not in column_names:
+        alias = next((name for name in _COLUMN_ALIASES[role] if name in column_names), None)
+        if alias is not None:
+            logger.info(f"Using column {alias!r} as the {role} column.")
+            return alias
+    return requested
+
+
 def _load_repository(
     source: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
     data_dir: str | None,
@@ -536,7 +596,10 @@ def _load_repository(
     dataset_dict = {}
     for split in _select_splits(list(loaded.keys()), splits, name):
         dataset = loaded[split]
-        columns = {image_column: "image", label_column: "label"}
+        columns = {
+            _column(dataset.column_names, image_column, "image"): "image",
+            _column(dataset.column_names, label_column, "label"): "label",
+        }
         missing = [column for column in columns if column not in dataset.column_names]
         if missing:
             raise ValueError(
@@ -572,8 +635,9 @@ def load_segmentation_dataset(
     image_column: str = "image",
     label_column: str = "label",
     splits: Sequence[str] | str | None = None,
-    label_mapping: Literal["identity", "reduce_zero_label", "coco_stuff_164k"] = "identity",
+    label_mapping: Literal["identity", "reduce_zero_label", "coco_stuff_164k"] | None = None,
     on_invalid_label: Literal["error", "ignore"] = "error",
+    num_classes: int | None = None,
 ) -> datasets.DatasetDict:
     """
     Load a semantic segmentation dataset as a `DatasetDict` with lazily decoded `image` and `label` columns.
@@ -590,11 +654,17 @@ def load_segmentation_dataset(
     - a local PASCAL Context tree in mmsegmentation layout (`VOCdevkit/VOC2010` with `JPEGImages`,
       `SegmentationClassContext`, `ImageSets/SegmentationContext/{train,val}.txt`). Benchmark `"pascal-context-59"`
       (default; background dropped) or `"pascal-context-60"` (background kept as class 0).
+    - a local ADE20K tree in mmsegmentation layout (`ADEChallengeData2016` or its parent, with
+      `images/{training,validation}/*.jpg` and `annotations/{training,validation}/*.png`): splits `train` and `val`;
+      stored 0 ("other objects") -> 255, k -> k-1 (`reduce_zero_label`). Benchmark `"ade20k-150"`.
     - anything else: a dataset saved with `save_to_disk`, a local dataset repository (parquet / arrow / imagefolder)
       or a Hub dataset name, loaded with `datasets` (`data_dir` is passed to `datasets.load_dataset`), or an
       in-memory `Dataset` / `DatasetDict`. `image_column` / `label_column` name its columns (renamed to
-      `image` / `label`; other columns are dropped); `label_mapping` says how its stored label values become train
-      ids (`"identity"`, `"reduce_zero_label"` or `"coco_stuff_164k"`).
+      `image` / `label`; other columns are dropped; without an `image` / `label` column, `pixel_values` /
+      `annotation` are taken, as transformers' semantic-segmentation example does); `label_mapping` says how its
+      stored label values become train ids (`"identity"`, `"reduce_zero_label"` or `"coco_stuff_164k"`; default:
+      `"reduce_zero_label"` for `benchmark="ade20k-150"`, which the Hub's scene_parse_150 parquet layout, columns
+      `image` / `annotation`, needs, `"identity"` otherwise).
 
     Building the index only lists files (and checks that every image named in a split file, and its label map,
     exist); nothing is decoded. Each split gets a [`SegmentationDecoder`] as its format transform, so indexing a split
@@ -605,8 +675,9 @@ def load_segmentation_dataset(
         source (`str`, `os.PathLike`, `datasets.Dataset` or `datasets.DatasetDict`):
             Where the data is (see above).
         benchmark (`str` or [`Benchmark`], *optional*):
-            The benchmark whose train ids the labels hold. Inferred for the VOC and COCO-Stuff trees; for PASCAL
-            Context it selects 59 or 60 classes. For datasets loaded with `datasets`, `None` skips the id check.
+            The benchmark whose train ids the labels hold. Inferred for the VOC, COCO-Stuff and ADE20K trees; for
+            PASCAL Context it selects 59 or 60 classes. For datasets loaded with `datasets`, `None` leaves the id
+            check to `num_classes`.
         data_dir (`str`, *optional*):
             `data_dir` of `datasets.load_dataset` (a sub-folder of a dataset repository).
         image_column (`str`, *optional*, defaults to `"image"`):
@@ -615,11 +686,15 @@ def load_segmentation_dataset(
             Name of the label-map column of a dataset loaded with `datasets`.
         splits (`str` or `Sequence[str]`, *optional*):
             Splits to load; all available splits by default.
-        label_mapping (`str`, *optional*, defaults to `"identity"`):
-            Stored-value-to-train-id mapping of a dataset loaded with `datasets` (local trees set their own).
+        label_mapping (`str`, *optional*):
+            Stored-value-to-train-id mapping of a dataset loaded with `datasets` (local trees set their own);
+            default: the benchmark's convention (see above).
         on_invalid_label (`str`, *optional*, defaults to `"error"`):
             What decoding does with a label value that is not a train id of the benchmark nor 255: `"error"` raises
             a `ValueError` naming the file, `"ignore"` maps it to 255 and logs a warning.
+        num_classes (`int`, *optional*):
+            Number of classes the labels index (your own class list): train ids must lie in `[0, num_classes)` or be
+            255. With a benchmark (given or inferred from a tree) it must equal the benchmark's.
 
     Returns:
         `datasets.DatasetDict`: one `Dataset` per split with `image` and `label` columns
@@ -627,7 +702,8 @@ def load_segmentation_dataset(
 
     Raises:
         `FileNotFoundError`: A split file, or an image or label map it names, is missing.
-        `ValueError`: Unknown benchmark, split or column, or a benchmark that does not fit the tree.
+        `ValueError`: Unknown benchmark, split or column, a benchmark that does not fit the tree, or a `num_classes`
+            that is not the benchmark's.
     """
     benchmark = get_benchmark(benchmark) if benchmark is not None else None
     layouts = []
@@ -640,35 +716,97 @@ def load_segmentation_dataset(
             raise ValueError(f"{source} holds several benchmark trees ({found}); pass benchmark= to choose one.")
 
     if layouts:
-        if label_mapping != "identity":
-            raise ValueError(
-                f"label_mapping={label_mapping!r} applies to datasets loaded with `datasets`; the {layouts[0][0]} "
-                f"tree at {source} sets its own."
-            )
-        layout, root = layouts[0]
-        if benchmark is None:
-            benchmark = get_benchmark(_LAYOUT_BENCHMARKS[layout][0])
-        dataset_dict = _load_tree(layout, root, splits)
-        tree_mapping = {
-            "voc": "reduce_zero_label",
-            "coco-stuff": "coco_stuff_auto",
-            "pascal-context": "reduce_zero_label" if benchmark.name == "pascal-context-59" else "identity",
-        }[layout]
-        decoder = SegmentationDecoder(benchmark.num_classes, tree_mapping, on_invalid_label, benchmark.ignore_index)
-        sizes = ", ".join(f"{split}={len(split_dataset)}" for split, split_dataset in dataset_dict.items())
-        logger.info(f"Indexed the {layout} tree at {root}: {sizes}.")
+        dataset_dict, decoder = _tree_with_decoder(*layouts[0], benchmark, splits, label_mapping, on_invalid_label)
     else:
         dataset_dict = _load_repository(source, data_dir, image_column, label_column, splits)
+        if label_mapping is None:
+            label_mapping = _REPOSITORY_LABEL_MAPPINGS.get(benchmark.name, "identity") if benchmark else "identity"
         if label_mapping not in ("identity", "reduce_zero_label", "coco_stuff_164k"):
             raise ValueError(
                 f"label_mapping must be 'identity', 'reduce_zero_label' or 'coco_stuff_164k', got {label_mapping!r}."
             )
-        num_classes = benchmark.num_classes if benchmark is not None else None
         ignore_index = benchmark.ignore_index if benchmark is not None else 255
-        decoder = SegmentationDecoder(num_classes, label_mapping, on_invalid_label, ignore_index)
-
+        decoder = SegmentationDecoder(benchmark.num_classes if benchmark else None, label_mapping, on_invalid_label,
+                                      ignore_index)  # fmt: skip
+    if num_classes is not None and decoder.num_classes is None:
+        decoder.num_classes = num_classes
+    elif num_classes is not None and num_classes != decoder.num_classes:
+        if layouts:
+            where = f"the {layouts[0][0]} tree at {layouts[0][1]}"
+        else:
+            name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the given dataset"
+            where = f"{name} (benchmark {benchmark.name})"
+        raise ValueError(
+            f"The labels of {where} are ids of {decoder.num_classes} classes, but {num_classes} classes are used."
+        )
     dataset_dict.set_transform(decoder)
     return dataset_dict
+
+
+def _tree_with_decoder(
+    layout: str, root: Path, benchmark: Benchmark | None, splits, label_mapping: str | None, on_invalid_label: str
+) -> tuple[datasets.DatasetDict, SegmentationDecoder]:
+    """The splits of a local benchmark tree and the decoder of its label convention."""
+    if label_mapping not in (None, "identity"):
+        raise ValueError(
+            f"label_mapping={label_mapping!r} applies to datasets loaded with `datasets`; the {layout} tree at {root} "
+            "sets its own."
+        )
+    benchmark = benchmark or get_benchmark(_LAYOUT_BENCHMARKS[layout][0])
+    dataset_dict = _load_tree(layout, root, splits)
+    tree_mapping = {
+        "voc": "reduce_zero_label",
+        "coco-stuff": "coco_stuff_auto",
+        "pascal-context": "reduce_zero_label" if benchmark.name == "pascal-context-59" else "identity",
+        "ade20k": "reduce_zero_label",
+    }[layout]
+    sizes = ", ".join(f"{split}={len(split_dataset)}" for split, split_dataset in dataset_dict.items())
+    logger.info(f"Indexed the {layout} tree at {root}: {sizes}.")
+    return dataset_dict, SegmentationDecoder(benchmark.num_classes, tree_mapping, on_invalid_label,
+                                             benchmark.ignore_index)  # fmt: skip
+
+
+def read_id2label_file(path: str | os.PathLike) -> tuple[str, ...]:
+    """The class names of an `id2label.json` file (a JSON object label id -> name), in id order; errors name it."""
+    path = Path(path)
+    try:
+        id2label = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a UTF-8 JSON file ({error}).") from error
+    return class_names_from_id2label(id2label, str(path))
+
+
+def dataset_class_names(
+    source: str | os.PathLike | datasets.Dataset | datasets.DatasetDict, cache_dir: str | None = None
+) -> tuple[tuple[str, ...], str] | None:
+    """
+    The class names a dataset repository declares in the `id2label.json` at its root, as transformers'
+    semantic-segmentation example reads them, with the file they come from; `None` when it has none.
+
+    A local folder's file is read; for anything else that names a Hub dataset repository the file is fetched with
+    `huggingface_hub.hf_hub_download(repo_id, "id2label.json", repo_type="dataset")` (a repository without it, or a
+    name that is no repository, gives `None`; when the Hub cannot be reached and no copy is cached, a warning says so
+    and `None` is returned).
+    """
+    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+        return None
+    local = Path(source)
+    if local.is_dir():
+        path = local / ID2LABEL_FILE
+        return (read_id2label_file(path), str(path)) if path.is_file() else None
+    if local.exists():
+        return None
+    try:
+        path = hf_hub_download(os.fspath(source), ID2LABEL_FILE, repo_type="dataset", cache_dir=cache_dir)
+    except LocalEntryNotFoundError as error:
+        logger.warning(
+            f"Could not look for {ID2LABEL_FILE} in the Hub dataset repository {source} ({error}); pass the classes "
+            "with --class_names / --class_names_file if it has one."
+        )
+        return None
+    except (EntryNotFoundError, RepositoryNotFoundError, HFValidationError):
+        return None
+    return read_id2label_file(path), f"{ID2LABEL_FILE} of the Hub dataset {source}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

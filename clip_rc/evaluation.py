@@ -17,6 +17,11 @@ accelerate launch --num_processes 2 eval.py --model runs/coco-inductive --data_r
     --class_names_from voc --output_dir runs/coco-on-voc
 ```
 
+The classes come from, in this order: `--class_names` / `--class_names_file`, `--class_names_from` (a benchmark), the
+`id2label.json` of the dataset repository, and the model's saved config (its classes, zero-shot split and
+templates). Classes other than the model's own are encoded at run time by its text tower; `--unseen_classes` sets
+the split the seen / unseen / harmonic figures use.
+
 [`evaluate_model`] is the same scoring as a function, for periodic evaluation during training.
 """
 
@@ -35,8 +40,8 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
-from .benchmarks import BENCHMARKS, get_benchmark
-from .data import installed_decoder, load_segmentation_dataset
+from .benchmarks import BENCHMARKS, ClassList, check_templates, class_list, class_names_from_arguments, get_benchmark
+from .data import dataset_class_names, installed_decoder, load_segmentation_dataset
 from .image_processing_clip_rc import CLIPRCImageProcessor
 from .inference import encode_class_names, load_model_and_processor
 from .metrics import SegmentationMetric, compute_with_evaluate, cross_check, format_results_table, harmonic_mean, nanmean
@@ -124,12 +129,15 @@ class EvaluationClasses:
 
 
 def resolve_classes(model, image_processor, tokenizer=None, class_names=None, seen_class_ids=None, templates=None):
-    """The [`EvaluationClasses`]: the model's own unless `class_names` differ, which are then encoded with the
-    model's text tower (no calibration; every class seen unless `seen_class_ids` says otherwise)."""
+    """The [`EvaluationClasses`]: the model's own unless `class_names` (or `templates`) differ from its config's; they
+    are then encoded with the model's text tower (no calibration; every class seen unless `seen_class_ids` says
+    otherwise)."""
     config = model.config
-    if class_names is None or list(class_names) == config.class_names:
+    same_templates = templates is None or list(templates) == list(config.prompt_templates)
+    if (class_names is None or list(class_names) == config.class_names) and same_templates:
         seen = config.resolved_seen_class_ids if seen_class_ids is None else list(seen_class_ids)
         return EvaluationClasses(None, config.class_names, seen)
+    class_names = config.class_names if class_names is None else list(class_names)
     text_embeds = encode_class_names(model, image_processor, tokenizer, class_names, templates)
     seen = list(range(len(class_names))) if seen_class_ids is None else list(seen_class_ids)
     return EvaluationClasses(text_embeds, list(class_names), seen)
@@ -297,17 +305,34 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image_column", default="image")
     data.add_argument("--label_column", default="label")
     data.add_argument(
-        "--label_mapping", choices=("identity", "reduce_zero_label", "coco_stuff_164k"), default="identity",
-        help="How a dataset's stored label values become train ids (--dataset only).",
+        "--label_mapping", choices=("identity", "reduce_zero_label", "coco_stuff_164k"), default=None,
+        help="How a dataset's stored label values become train ids (--dataset only; default: reduce_zero_label for "
+        "--benchmark ade20k-150, identity otherwise).",
     )  # fmt: skip
     data.add_argument("--on_invalid_label", choices=("error", "ignore"), default="error")
     data.add_argument("--max_samples", type=int, default=None, help="Score only the first N images of the split.")
 
-    classes = parser.add_argument_group("classes")
+    classes = parser.add_argument_group(
+        "classes (default: the dataset's id2label.json if it has one, else the model's own classes and split)"
+    )
+    classes.add_argument("--class_names", default=None,
+                         help="Your own classes, comma-separated, in label-id order (label k is the k-th name).")
+    classes.add_argument("--class_names_file", default=None,
+                         help="A UTF-8 text file with one class name a line (line k + 1 names label k).")
     classes.add_argument(
         "--class_names_from", choices=sorted(BENCHMARKS), default=None,
         help="Score with another benchmark's class names (cross-dataset): encoded with the model's text tower and "
-        "templates; the seen / unseen split comes from that benchmark. Default: the model's own classes.",
+        "templates; the seen / unseen split comes from that benchmark.",
+    )
+    classes.add_argument(
+        "--unseen_classes", default=None,
+        help="The zero-shot split of the scored classes: unseen classes by name or id, comma-separated (default: "
+        "the model's split for its own classes, the benchmark's for a benchmark's classes, none otherwise).",
+    )
+    classes.add_argument(
+        "--templates", nargs="+", default=None,
+        help="Prompt templates with one '{}' to encode the classes with (default: the model's); given, the classes "
+        "are encoded at run time, without the calibration of the model's own.",
     )  # fmt: skip
 
     scoring = parser.add_argument_group("scoring")
@@ -347,6 +372,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--max_samples must be at least 1.")
     if args.save_overlays < 0:
         parser.error("--save_overlays must be >= 0.")
+    if args.class_names_from is not None and (args.class_names is not None or args.class_names_file is not None):
+        parser.error("give the classes with one of --class_names, --class_names_file and --class_names_from.")
+    if args.templates is not None:
+        try:
+            args.templates = list(check_templates(args.templates, field="--templates"))
+        except ValueError as error:
+            parser.error(str(error))
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -355,8 +387,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_eval_split(args: argparse.Namespace):
-    """The raw (decoded) split to score, its name, and the number of classes its labels hold (or `None`)."""
+def load_eval_split(args: argparse.Namespace, num_classes: int | None = None):
+    """The raw (decoded) split to score, its name, and the number of classes its labels hold (or `None`). The label
+    ids of a `--dataset` without `--benchmark` are checked against `num_classes` (the scored classes)."""
     if args.data_root is not None:
         split = args.split or "val"
         dataset_dict = load_segmentation_dataset(
@@ -366,6 +399,7 @@ def load_eval_split(args: argparse.Namespace):
         dataset_dict = load_segmentation_dataset(
             args.dataset, benchmark=args.benchmark, data_dir=args.data_dir, image_column=args.image_column,
             label_column=args.label_column, label_mapping=args.label_mapping, on_invalid_label=args.on_invalid_label,
+            num_classes=num_classes if args.benchmark is None else None,
         )  # fmt: skip
         split = args.split or next((name for name in ("validation", "val", "test") if name in dataset_dict), None)
         if split is None or split not in dataset_dict:
@@ -376,20 +410,30 @@ def load_eval_split(args: argparse.Namespace):
     return dataset, split, getattr(installed_decoder(dataset), "num_classes", None)
 
 
-def classes_from_args(args, model, image_processor, tokenizer) -> tuple[EvaluationClasses, list]:
-    """The classes to score with (the model's, or a benchmark's for cross-dataset evaluation) and their palette."""
-    if args.class_names_from is None:
-        classes = resolve_classes(model, image_processor)
-        return classes, class_palette(classes.names, model.config.benchmark)
-    benchmark = get_benchmark(args.class_names_from)
+def requested_class_list(args, config) -> ClassList:
+    """The class list to score with and its split: `--class_names` / `--class_names_file`, `--class_names_from`, the
+    dataset's `id2label.json`, or the model's own (see the module docstring)."""
+    requested = class_names_from_arguments(args.class_names, args.class_names_file)
+    if requested is None and args.class_names_from is not None:
+        requested = get_benchmark(args.class_names_from).class_names, f"--class_names_from {args.class_names_from}"
+    requested = requested or dataset_class_names(args.data_root or args.dataset)
+    names, source = requested or (config.class_names, "the model's config")
+    # The model's own classes keep its split; a benchmark's classes get the benchmark's (see `class_list`).
+    default_unseen = config.unseen_class_ids if list(names) == config.class_names else None
+    return class_list(names, source, args.unseen_classes, default_unseen)
+
+
+def classes_from_args(args, model, image_processor, tokenizer) -> tuple[EvaluationClasses, list, str]:
+    """The classes to score with, their palette and where they come from."""
+    requested = requested_class_list(args, model.config)
     classes = resolve_classes(
-        model, image_processor, tokenizer, list(benchmark.class_names), list(benchmark.seen_class_ids),
-        templates=model.config.prompt_templates,
-    )  # fmt: skip
+        model, image_processor, tokenizer, list(requested.names), list(requested.seen_class_ids), args.templates
+    )
     if classes.text_embeds is not None:
-        logger.info(f"Scoring with the {len(classes.names)} classes of {benchmark.name!r}, encoded with the model's "
-                    f"templates {list(model.config.prompt_templates)}.")  # fmt: skip
-    return classes, [tuple(colour) for colour in benchmark.palette]
+        templates = args.templates or list(model.config.prompt_templates)
+        logger.info(f"Scoring with the {len(classes.names)} classes of {requested.source}, encoded with the "
+                    f"templates {templates}.")  # fmt: skip
+    return classes, class_palette(classes.names, requested.benchmark or model.config.benchmark), requested.source
 
 
 def _overlay_saver(args, dataset, classes: EvaluationClasses, palette) -> Callable | None:
@@ -432,12 +476,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.model, args.processor, trust_remote_code=args.trust_remote_code, device=accelerator.device,
         allow_missing_weights=args.allow_missing_weights,
     )
-    dataset, split, dataset_num_classes = load_eval_split(args)
-    classes, palette = classes_from_args(args, model, image_processor, tokenizer)
+    classes, palette, class_source = classes_from_args(args, model, image_processor, tokenizer)
+    dataset, split, dataset_num_classes = load_eval_split(args, len(classes.names))
     if dataset_num_classes is not None and dataset_num_classes != len(classes.names):
         raise ValueError(
             f"The labels of this dataset hold {dataset_num_classes} classes but {len(classes.names)} classes are "
-            "scored. Pass --class_names_from with the dataset's benchmark for cross-dataset evaluation."
+            "scored. Pass --class_names_from with the dataset's benchmark for cross-dataset evaluation (or "
+            "--class_names / --class_names_file with its classes)."
         )
     logger.info(f"Evaluating {args.model} on split {split!r} ({len(dataset)} images) in {accelerator.num_processes} "
                 f"process(es), {len(classes.names)} classes, metric backend {args.metric_backend!r}.")  # fmt: skip
@@ -449,7 +494,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cross_check_evaluate=args.cross_check_evaluate, atol=args.atol,
             on_prediction=_overlay_saver(args, dataset, classes, palette), progress=not args.no_progress,
         )  # fmt: skip
-        return _write_results(args, accelerator, results, split)
+        return _write_results(args, accelerator, {**results, "class_names_source": class_source}, split)
     finally:
         accelerator.wait_for_everyone()
         accelerator.end_training()

@@ -26,6 +26,14 @@ What the loop reproduces from the reference (mmsegmentation 0.24 / mmcv 1.4 `Ite
 - Class embeddings are computed once (by `from_clip` with the CLIP tokenizer, or loaded with a CLIP-RC checkpoint)
   and persisted in the model; the loop never encodes text.
 
+Classes ([`training_class_list`]): `--class_names` / `--class_names_file`, else the dataset repository's
+`id2label.json` (as transformers' semantic-segmentation example reads it), else `--benchmark`, else the loaded
+model's classes or the benchmark of `--preset`; `--unseen_classes` (names or ids) sets the zero-shot split and
+`--templates` the prompt templates. From CLIP the class embeddings are encoded for that list; a loaded model given
+other classes (or templates) has them re-encoded by its text tower. The config saved with the model holds
+`id2label`, `seen_class_ids`, `prompt_templates` and `benchmark` (a benchmark's name, or `"custom"`), and the data
+loaders check every label id against the number of classes.
+
 Checkpoints (`output_dir/checkpoint-N`) are written atomically (to `output_dir/.tmp-checkpoint-N`, then renamed);
 each holds the Accelerate state (model, optimiser, scheduler, RNG of every process), `training_state.json` (step,
 data position, recipe, log history) and the model's `config.json` + processor, so a checkpoint folder also loads with
@@ -76,10 +84,11 @@ from transformers import AutoTokenizer, HfArgumentParser
 from transformers.dynamic_module_utils import custom_object_save
 
 from . import PRESETS, CLIPRCConfig, CLIPRCForSemanticSegmentation
-from .benchmarks import get_benchmark
-from .data import SegmentationTrainTransform, collate_fn, load_segmentation_dataset
+from .benchmarks import BENCHMARKS, ClassList, check_templates, class_list, class_names_from_arguments, get_benchmark
+from .data import SegmentationTrainTransform, collate_fn, dataset_class_names, load_segmentation_dataset
 from .evaluation import evaluate_model
 from .image_processing_clip_rc import CLIPRCImageProcessor
+from .inference import encode_class_names
 from .metrics import format_results_table
 from .model_card import MODEL_CARD_MARKER, build_model_card
 from .processing_clip_rc import CLIPRCProcessor
@@ -110,6 +119,7 @@ __all__ = [
     "reference_learning_rate",
     "reference_parameter_groups",
     "train",
+    "training_class_list",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -199,12 +209,19 @@ class ModelArguments:
         default=None,
         metadata={"help": "Stride of the evaluation windows (default: 426 at crop 512, scaled with --crop_size)."},
     )
+    templates: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt templates with one '{}' for the class name (default: the preset's, or the loaded model's); "
+            "the class embeddings average over them. Saved in the config (prompt_templates)."
+        },
+    )
     config_overrides: str | None = field(
         default=None,
         metadata={
             "help": "Comma-separated key=value overrides of CLIPRCConfig fields (values parsed as JSON when possible),"
             " e.g. 'decoder_hidden_size=64,prompt_dropout=0.0'. With --model_name_or_path only fields that do not "
-            "change the architecture may be set."
+            "change the architecture may be set. Classes, split and templates have their own arguments."
         },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for Hub downloads."})
@@ -222,15 +239,36 @@ class DataArguments:
     )
     benchmark: str | None = field(
         default=None,
-        metadata={"help": "Benchmark of the labels (voc, coco-stuff, ...); defaults to the model config's."},
+        metadata={"help": "Benchmark of the labels (voc, coco-stuff, ade20k-150, ...); defaults to the model "
+                  "config's. Its classes are the class list unless --class_names(_file) or the dataset's "
+                  "id2label.json give one."},
+    )
+    class_names: str | None = field(
+        default=None,
+        metadata={"help": "Your own classes, comma-separated, in label-id order (label k is the k-th name). First "
+                  "in precedence: then --class_names_file, the dataset repository's id2label.json, --benchmark, and "
+                  "the preset's benchmark (from CLIP) or the loaded model's classes."},
+    )
+    class_names_file: str | None = field(
+        default=None,
+        metadata={"help": "A UTF-8 text file with one class name a line (line k + 1 names label k); instead of "
+                  "--class_names."},
+    )
+    unseen_classes: str | None = field(
+        default=None,
+        metadata={"help": "The zero-shot split: unseen classes by name or id, comma-separated (inductive training "
+                  "ignores their pixels and leaves them out of the head; transductive training pseudo-labels them). "
+                  "Default: the benchmark's split when the classes are a benchmark's (or the loaded model's), none "
+                  "otherwise."},
     )
     data_dir: str | None = field(default=None, metadata={"help": "`data_dir` of datasets.load_dataset."})
     image_column: str = field(default="image", metadata={"help": "Image column of a datasets dataset."})
     label_column: str = field(default="label", metadata={"help": "Label-map column of a datasets dataset."})
-    label_mapping: str = field(
-        default="identity",
+    label_mapping: str | None = field(
+        default=None,
         metadata={
-            "help": "How stored label values become train ids for datasets datasets (local trees set their own).",
+            "help": "How stored label values become train ids for datasets datasets (local trees set their own); "
+            "default: reduce_zero_label for ade20k-150, identity otherwise.",
             "choices": ["identity", "reduce_zero_label", "coco_stuff_164k"],
         },
     )
@@ -695,26 +733,47 @@ def _save_model_files(model: CLIPRCForSemanticSegmentation, processor, directory
 
 
 def _apply_preset(config: CLIPRCConfig, preset: str) -> None:
-    """Apply the training recipe of `preset` (setting, zero-shot split, loss weights, score calibration) to the
-    config of a loaded model; the class list and architecture must already match."""
+    """Apply the training recipe of `preset` (setting, loss weights, score calibration) to the config of a loaded
+    model; a model with the preset benchmark's classes also takes its zero-shot split, a model with other classes
+    keeps its own."""
     recipe = CLIPRCConfig.from_preset(preset)
-    if config.class_names != recipe.class_names:
-        raise ValueError(
-            f"The loaded model's {config.num_labels} classes are not those of preset {preset!r} "
-            f"({recipe.num_labels} classes of benchmark {recipe.benchmark})."
-        )
     if config.num_prompt_tokens != recipe.num_prompt_tokens:
         logger.warning(
             f"The loaded model has {config.num_prompt_tokens} prompt tokens, preset {preset!r} uses "
             f"{recipe.num_prompt_tokens}; keeping the model's."
         )
-    for name in ("setting", "seen_class_ids", "seen_score_bias", "benchmark", "mask_loss_weight", "dice_loss_weight",
-                 "recovery_loss_weight"):
+    names = ["setting", "seen_score_bias", "mask_loss_weight", "dice_loss_weight", "recovery_loss_weight"]
+    if config.class_names == recipe.class_names:
+        names += ["seen_class_ids", "benchmark"]
+    else:
+        logger.info(f"The loaded model's {config.num_labels} classes are not those of preset {preset!r}: it keeps its "
+                    "classes and zero-shot split, the preset sets the setting and loss weights.")  # fmt: skip
+    for name in names:
         setattr(config, name, getattr(recipe, name))
 
 
 def _config_field_names() -> set[str]:
     return set(CLIPRCConfig.__annotations__) | {"id2label", "label2id"}
+
+
+# Config fields set by the class arguments (--class_names, --class_names_file, --unseen_classes, --templates).
+_CLASS_FIELDS = {"id2label", "label2id", "seen_class_ids", "prompt_templates", "benchmark"}
+
+
+def _parsed_overrides(model_args: ModelArguments) -> dict[str, Any]:
+    """`--config_overrides` as a dict, refusing unknown fields and the fields the class arguments set."""
+    overrides = _parse_config_overrides(model_args.config_overrides)
+    unknown = sorted(set(overrides) - _config_field_names())
+    if unknown:
+        raise ValueError(f"--config_overrides names unknown CLIPRCConfig fields: {unknown}.")
+    class_fields = sorted(set(overrides) & _CLASS_FIELDS)
+    if class_fields:
+        raise ValueError(
+            f"--config_overrides cannot set {class_fields}: give the classes with --class_names / --class_names_file "
+            "(or the dataset's id2label.json, or --benchmark), the zero-shot split with --unseen_classes and the "
+            "prompt templates with --templates."
+        )
+    return overrides
 
 
 def _load_pretrained(model_class, source: str, cache_dir: str | None):
@@ -727,56 +786,125 @@ def _load_pretrained(model_class, source: str, cache_dir: str | None):
         raise ValueError(f"Cannot load {model_class.__name__} from {source}: {error}") from error
 
 
-def build_model(model_args: ModelArguments) -> tuple[CLIPRCForSemanticSegmentation, Any]:
-    """The model to train and its tokenizer (or `None`)."""
-    overrides = _parse_config_overrides(model_args.config_overrides)
-    unknown = sorted(set(overrides) - _config_field_names())
-    if unknown:
-        raise ValueError(f"--config_overrides names unknown CLIPRCConfig fields: {unknown}.")
-    if (model_args.clip_model_name_or_path is None) == (model_args.model_name_or_path is None):
-        raise ValueError("Give exactly one of --clip_model_name_or_path (start from CLIP) and --model_name_or_path "
-                         "(start from CLIP-RC weights).")
-
-    tokenizer = None
-    tokenizer_source = (
-        model_args.tokenizer_name_or_path or model_args.clip_model_name_or_path or model_args.model_name_or_path
-    )
+def _load_tokenizer(model_args: ModelArguments):
+    """The CLIP tokenizer saved with the processor, or `None` (with a warning) when the default place has none."""
+    source = model_args.tokenizer_name_or_path or model_args.clip_model_name_or_path or model_args.model_name_or_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, cache_dir=model_args.cache_dir)
+        return AutoTokenizer.from_pretrained(source, cache_dir=model_args.cache_dir)
     except (OSError, ValueError, TypeError) as error:
         if model_args.tokenizer_name_or_path is not None:
             raise
-        logger.warning(f"No tokenizer found at {tokenizer_source} ({type(error).__name__}); the saved processor will "
-                       "hold the image processor only.")
+        logger.warning(f"No tokenizer found at {source} ({type(error).__name__}); the saved processor will hold the "
+                       "image processor only.")  # fmt: skip
+        return None
 
-    if model_args.clip_model_name_or_path is not None:
-        if model_args.preset is None:
-            raise ValueError("Starting from CLIP needs --preset (one of " + ", ".join(PRESETS) + ").")
-        clip = _load_pretrained(transformers.CLIPModel, model_args.clip_model_name_or_path, model_args.cache_dir)
-        values = dict(overrides)
-        if model_args.crop_size is not None:
-            values["crop_size"] = model_args.crop_size
-            if model_args.sliding_window_stride is None and "sliding_window_stride" not in values:
-                # The reference's 426 / 512, scaled to the crop.
-                values["sliding_window_stride"] = max(1, int(model_args.crop_size * 426 / 512))
-        if model_args.sliding_window_stride is not None:
-            values["sliding_window_stride"] = model_args.sliding_window_stride
-        values.update(
-            vision_config=clip.config.vision_config.to_dict(),
-            text_config=clip.config.text_config.to_dict(),
-            projection_dim=clip.config.projection_dim,
+
+def training_class_list(
+    model_args: ModelArguments, data_args: DataArguments, config: CLIPRCConfig | None = None
+) -> ClassList:
+    """
+    The classes to train on and their zero-shot split. The class list comes from, in this order: `--class_names` /
+    `--class_names_file`, the `id2label.json` of the dataset repository, `--benchmark`, and then the loaded model's
+    classes (`config`) or the benchmark of `--preset` (from CLIP). The split is `--unseen_classes` (names or ids),
+    else the loaded model's when the list is its own, else the benchmark's when the list is a benchmark's, else none.
+    """
+    requested = class_names_from_arguments(data_args.class_names, data_args.class_names_file)
+    requested = requested or dataset_class_names(data_args.dataset, model_args.cache_dir)
+    if requested is None and data_args.benchmark is not None:
+        requested = get_benchmark(data_args.benchmark).class_names, f"--benchmark {data_args.benchmark}"
+    default_unseen = None
+    if requested is not None:
+        names, source = requested
+        if config is not None and list(names) == config.class_names:
+            default_unseen = config.unseen_class_ids
+    elif config is not None:
+        names, source, default_unseen = config.class_names, "the loaded model", config.unseen_class_ids
+    else:
+        benchmark = get_benchmark(model_args.preset.rpartition("-")[0])
+        names, source = benchmark.class_names, f"benchmark {benchmark.name} of preset {model_args.preset}"
+    return class_list(names, source, data_args.unseen_classes, default_unseen)
+
+
+def _check_split_fits_setting(setting: str, classes: ClassList):
+    if setting == "transductive" and not classes.unseen_class_ids:
+        raise ValueError(
+            f"The transductive setting pseudo-labels unseen classes, but the {len(classes.names)} classes of "
+            f"{classes.source} have no zero-shot split: pass --unseen_classes (names or ids)."
         )
-        config = CLIPRCConfig.from_preset(model_args.preset, **values)
+    if setting == "inductive" and not classes.unseen_class_ids:
+        logger.warning(f"Every one of the {len(classes.names)} classes of {classes.source} is seen: no zero-shot "
+                       "split (pass --unseen_classes), so unseen mIoU and hIoU are not defined.")  # fmt: skip
+
+
+def _class_config_values(classes: ClassList, templates: list[str] | None) -> dict[str, Any]:
+    """The config fields of a class list: id2label, label2id, the split, the benchmark name and the templates."""
+    values = {
+        "id2label": dict(enumerate(classes.names)),
+        "label2id": {name: class_id for class_id, name in enumerate(classes.names)},
+        "seen_class_ids": list(classes.seen_class_ids) if classes.unseen_class_ids else None,
+        "benchmark": classes.benchmark_name,
+    }
+    if templates:
+        values["prompt_templates"] = list(check_templates(templates, field="--templates"))
+    return values
+
+
+def _model_from_clip(model_args, data_args, overrides, tokenizer) -> tuple[CLIPRCForSemanticSegmentation, ClassList]:
+    """CLIP-RC initialised from CLIP with the preset's recipe, the class embeddings of the class list encoded once."""
+    if model_args.preset is None:
+        raise ValueError("Starting from CLIP needs --preset (one of " + ", ".join(PRESETS) + ").")
+    classes = training_class_list(model_args, data_args)
+    _check_split_fits_setting(overrides.get("setting", model_args.preset.rpartition("-")[2]), classes)
+    clip = _load_pretrained(transformers.CLIPModel, model_args.clip_model_name_or_path, model_args.cache_dir)
+    values = dict(overrides)
+    if model_args.crop_size is not None:
+        values["crop_size"] = model_args.crop_size
+        if model_args.sliding_window_stride is None and "sliding_window_stride" not in values:
+            # The reference's 426 / 512, scaled to the crop.
+            values["sliding_window_stride"] = max(1, int(model_args.crop_size * 426 / 512))
+    if model_args.sliding_window_stride is not None:
+        values["sliding_window_stride"] = model_args.sliding_window_stride
+    values.update(
+        vision_config=clip.config.vision_config.to_dict(),
+        text_config=clip.config.text_config.to_dict(),
+        projection_dim=clip.config.projection_dim,
+        **_class_config_values(classes, model_args.templates),
+    )
+    config = CLIPRCConfig.from_preset(model_args.preset, **values)
+    if tokenizer is None:
+        raise ValueError(
+            "Starting from CLIP needs its tokenizer to compute the class embeddings once; none found at "
+            f"{model_args.clip_model_name_or_path}: pass --tokenizer_name_or_path."
+        )
+    processor = CLIPRCProcessor(CLIPRCImageProcessor.from_model_config(config), tokenizer)
+    model = CLIPRCForSemanticSegmentation.from_clip(clip, config, processor=processor)
+    del clip
+    return model, classes
+
+
+def _apply_class_list(model: CLIPRCForSemanticSegmentation, classes: ClassList, templates, tokenizer):
+    """Give a loaded model the class list (re-encoded with its text tower when names or templates change), its
+    zero-shot split and benchmark name."""
+    config = model.config
+    templates = list(check_templates(templates, field="--templates")) if templates else list(config.prompt_templates)
+    if list(classes.names) != config.class_names or templates != list(config.prompt_templates):
         if tokenizer is None:
             raise ValueError(
-                f"Starting from CLIP needs its tokenizer to compute the class embeddings once; none found at "
-                f"{tokenizer_source}: pass --tokenizer_name_or_path."
+                f"Training the loaded model on the classes of {classes.source} re-encodes them with its text tower, "
+                "which needs its tokenizer; none was found: pass --tokenizer_name_or_path."
             )
-        processor = CLIPRCProcessor(CLIPRCImageProcessor.from_model_config(config), tokenizer)
-        model = CLIPRCForSemanticSegmentation.from_clip(clip, config, processor=processor)
-        del clip
-        return model, tokenizer
+        logger.info(f"Encoding the {len(classes.names)} classes of {classes.source} with the model's text tower.")
+        image_processor = CLIPRCImageProcessor.from_model_config(config)
+        with torch.no_grad():
+            text_embeds = encode_class_names(model, image_processor, tokenizer, classes.names, templates)
+        model.set_class_embeddings(text_embeds, list(classes.names))
+        config.prompt_templates = templates
+    values = _class_config_values(classes, None)
+    config.seen_class_ids, config.benchmark = values["seen_class_ids"], values["benchmark"]
 
+
+def _model_from_weights(model_args, data_args, overrides, tokenizer) -> tuple[CLIPRCForSemanticSegmentation, ClassList]:
+    """A saved CLIP-RC model with the preset's recipe, the overrides and the class list applied."""
     model = _load_pretrained(CLIPRCForSemanticSegmentation, model_args.model_name_or_path, model_args.cache_dir)
     config = model.config
     if model_args.preset is not None:
@@ -788,7 +916,7 @@ def build_model(model_args: ModelArguments) -> tuple[CLIPRCForSemanticSegmentati
         )
     architecture = {"vision_config", "text_config", "projection_dim", "crop_size", "num_prompt_tokens",
                     "region_grid_size", "decoder_hidden_size", "decoder_num_attention_heads", "decoder_num_layers",
-                    "decoder_intermediate_size", "recovery_num_layers", "id2label", "label2id"}
+                    "decoder_intermediate_size", "recovery_num_layers"}  # fmt: skip
     fixed = sorted(set(overrides) & architecture)
     if fixed:
         raise ValueError(f"--config_overrides cannot change the architecture of a loaded model: {fixed}.")
@@ -798,11 +926,30 @@ def build_model(model_args: ModelArguments) -> tuple[CLIPRCForSemanticSegmentati
         config.sliding_window_stride = model_args.sliding_window_stride
     if "setting" in overrides and "seen_score_bias" not in overrides and model_args.preset is None:
         config.seen_score_bias = {"transductive": 0.0}.get(config.setting, 0.1)
+    classes = training_class_list(model_args, data_args, config)
+    _check_split_fits_setting(config.setting, classes)
+    _apply_class_list(model, classes, model_args.templates, tokenizer)
     config._validate()
     model.freeze_clip()
     if not bool(model.class_embeddings.abs().sum() > 0):
         raise ValueError(f"{model_args.model_name_or_path} holds no class embeddings (set_class_embeddings).")
-    return model, tokenizer
+    return model, classes
+
+
+def build_model(
+    model_args: ModelArguments, data_args: DataArguments
+) -> tuple[CLIPRCForSemanticSegmentation, Any, ClassList]:
+    """The model to train, its tokenizer (or `None`) and the class list it trains on (see [`training_class_list`])."""
+    overrides = _parsed_overrides(model_args)
+    if (model_args.clip_model_name_or_path is None) == (model_args.model_name_or_path is None):
+        raise ValueError("Give exactly one of --clip_model_name_or_path (start from CLIP) and --model_name_or_path "
+                         "(start from CLIP-RC weights).")
+    tokenizer = _load_tokenizer(model_args)
+    if model_args.clip_model_name_or_path is not None:
+        model, classes = _model_from_clip(model_args, data_args, overrides, tokenizer)
+    else:
+        model, classes = _model_from_weights(model_args, data_args, overrides, tokenizer)
+    return model, tokenizer, classes
 
 
 def build_processor(model: CLIPRCForSemanticSegmentation, tokenizer, eval_shortest_edge: int):
@@ -959,13 +1106,14 @@ def _tracker_config(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_datasets(data_args: DataArguments, config: CLIPRCConfig):
-    benchmark = data_args.benchmark or config.benchmark
+    """The training and evaluation splits, their label ids checked against the model's classes."""
+    benchmark = data_args.benchmark or (config.benchmark if config.benchmark in BENCHMARKS else None)
     if benchmark is not None and get_benchmark(benchmark).num_classes != config.num_labels:
         raise ValueError(f"Benchmark {benchmark} has {get_benchmark(benchmark).num_classes} classes, the model "
                          f"{config.num_labels}.")
     loaded = load_segmentation_dataset(
         data_args.dataset, benchmark=benchmark, data_dir=data_args.data_dir, image_column=data_args.image_column,
-        label_column=data_args.label_column, label_mapping=data_args.label_mapping,
+        label_column=data_args.label_column, label_mapping=data_args.label_mapping, num_classes=config.num_labels,
     )
     if data_args.train_split not in loaded:
         raise ValueError(f"No split {data_args.train_split!r} in {data_args.dataset}; splits: {list(loaded)}.")
@@ -1444,7 +1592,9 @@ class _TrainingRun:
     def log_start(self, config: CLIPRCConfig):
         plan, training_args = self.plan, self.training_args
         logger.info("***** Running training *****")
-        logger.info(f"  Recipe = {plan.preset}, setting = {config.setting}, classes = {config.num_labels}")
+        logger.info(f"  Recipe = {plan.preset}, setting = {config.setting}, classes = {config.num_labels} "
+                    f"({self.recipe['resolved.class_names_source']}), unseen = "
+                    f"{[config.id2label[i] for i in config.unseen_class_ids]}")
         logger.info(f"  Training samples = {len(self.train_samples)}, evaluation samples = "
                     f"{len(self.eval_dataset) if self.eval_dataset is not None else 0}")
         logger.info(f"  Iterations = {plan.max_steps}, per-device batch = {plan.per_device_train_batch_size}, "
@@ -1469,7 +1619,7 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
     _prepare_output_dir(output_dir, resume_path, training_args.overwrite_output_dir, accelerator)
 
     set_seed(training_args.seed)
-    model, tokenizer = build_model(model_args)
+    model, tokenizer, classes = build_model(model_args, data_args)
     if training_args.gradient_checkpointing:
         # `gradient_checkpointing_enable` became `activation_checkpointing_enable` during transformers 5.x.
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -1484,6 +1634,7 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
     optimizer, lr_scheduler, groups = _build_optimizer(model, training_args, plan)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     recipe = _recipe(model_args, data_args, training_args, plan, config, groups, accelerator.num_processes, eval_split)
+    recipe["resolved.class_names_source"] = classes.source
 
     run = _TrainingRun(
         accelerator, model, optimizer, lr_scheduler, processor, train_samples, eval_dataset, eval_split, plan,

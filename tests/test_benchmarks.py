@@ -6,9 +6,9 @@ from clip_rc.benchmarks import BENCHMARKS, COCO_STUFF_TEMPLATES, VOC_TEMPLATES, 
 
 
 def test_benchmark_names_and_sizes():
-    assert set(BENCHMARKS) == {"voc", "coco-stuff", "pascal-context-59", "pascal-context-60"}
+    assert set(BENCHMARKS) == {"voc", "coco-stuff", "pascal-context-59", "pascal-context-60", "ade20k-150"}
     sizes = {name: benchmark.num_classes for name, benchmark in BENCHMARKS.items()}
-    assert sizes == {"voc": 20, "coco-stuff": 171, "pascal-context-59": 59, "pascal-context-60": 60}
+    assert sizes == {"voc": 20, "coco-stuff": 171, "pascal-context-59": 59, "pascal-context-60": 60, "ade20k-150": 150}
     for name, benchmark in BENCHMARKS.items():
         assert benchmark.name == name
         assert len(benchmark.palette) == benchmark.num_classes
@@ -55,6 +55,21 @@ def test_pascal_context_benchmarks():
         assert benchmark.unseen_class_ids == ()
         assert benchmark.seen_class_ids == tuple(range(benchmark.num_classes))
         assert benchmark.templates == COCO_STUFF_TEMPLATES
+
+
+def test_ade20k_150_names_palette_and_templates():
+    """mmsegmentation's ADE20KDataset, in train-id order (stored label k + 1 is class k)."""
+    ade = get_benchmark("ade20k-150")
+    assert ade.class_names[:8] == ("wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed")
+    assert ade.class_names[44] == "chest of drawers" and ade.class_names[89] == "television receiver"
+    assert ade.class_names[-3:] == ("glass", "clock", "flag")
+    assert all(name == name.strip() for name in ade.class_names)  # mmsegmentation's "bed " is "bed"
+    assert ade.unseen_class_ids == () and ade.seen_class_ids == tuple(range(150))
+    assert ade.templates == COCO_STUFF_TEMPLATES
+    assert ade.palette[0] == (120, 120, 120) and ade.palette[7] == (204, 5, 255) and ade.palette[-1] == (92, 0, 255)
+    # mmsegmentation gives PASCAL Context the first 60 colours of the ADE20K palette.
+    assert ade.palette[:60] == get_benchmark("pascal-context-60").palette
+    assert len(set(ade.palette)) == 149  # one colour is repeated (ids 6 and 48), as in mmsegmentation
 
 
 def test_label_maps_are_consistent():

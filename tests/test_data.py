@@ -104,6 +104,19 @@ def make_context_tree(root: Path) -> Path:
     return context
 
 
+def make_ade20k_tree(root: Path, sizes: tuple[tuple[int, int], ...] = ((20, 28), (16, 12))) -> Path:
+    """mmsegmentation's ADE20K layout, `root/ADEChallengeData2016`, one image per size in each split; label maps store
+    0 ("other objects"), 1..150 and (here) 255. Returns the `ADEChallengeData2016` folder."""
+    ade = root / "ADEChallengeData2016"
+    for split, prefix in (("training", "ADE_train"), ("validation", "ADE_val")):
+        for index, (height, width) in enumerate(sizes, start=1):
+            _save_image(ade / "images" / split / f"{prefix}_{index:08d}.jpg", height, width, seed=index)
+            values = [0, 1, 150, 255] if index == 1 else [75, 0, 2]
+            label_path = ade / "annotations" / split / f"{prefix}_{index:08d}.png"
+            _save_label(label_path, _label_pattern(height, width, values))
+    return ade
+
+
 def _label_ids(label: PIL.Image.Image) -> np.ndarray:
     assert isinstance(label, PIL.Image.Image) and label.mode == "L"
     return np.asarray(label)
@@ -159,6 +172,62 @@ def test_coco_stuff_tree_both_label_formats(tmp_path, split):
     assert first["image"].size == (28, 20) and second["image"].size == (12, 16)
     np.testing.assert_array_equal(_label_ids(first["label"]), _label_pattern(20, 28, [0, 170, 255]))
     np.testing.assert_array_equal(_label_ids(second["label"]), _label_pattern(16, 12, [0, 11, 170, 255]))
+
+
+def test_ade20k_tree_reduces_the_zero_label(tmp_path):
+    """0 (other objects) -> 255, k -> k - 1, 255 stays: exactly mmsegmentation's reduce_zero_label."""
+    ade = make_ade20k_tree(tmp_path)
+    for source in (ade, tmp_path):  # the ADEChallengeData2016 folder or its parent
+        dataset = load_segmentation_dataset(source)
+        assert dataset.num_rows == {"train": 2, "val": 2}
+        names = [Path(item["path"]).name for item in dataset["val"].with_format(None)["image"]]
+        assert names == ["ADE_val_00000001.jpg", "ADE_val_00000002.jpg"]
+        for split in ("train", "val"):
+            first, second = dataset[split][0], dataset[split][1]
+            assert first["image"].size == (28, 20) and second["image"].size == (12, 16)
+            np.testing.assert_array_equal(_label_ids(first["label"]), _label_pattern(20, 28, [255, 0, 149, 255]))
+            np.testing.assert_array_equal(_label_ids(second["label"]), _label_pattern(16, 12, [74, 255, 1]))
+    assert load_segmentation_dataset(ade, benchmark="ade20k-150", splits="val").num_rows == {"val": 2}
+    # A stored value beyond the 150 classes is named with its file.
+    _save_label(ade / "annotations" / "validation" / "ADE_val_00000002.png", _label_pattern(16, 12, [151, 3]))
+    with pytest.raises(ValueError, match=r"ADE_val_00000002\.png holds values \[151\].*150 classes"):
+        load_segmentation_dataset(ade, splits="val")["val"][1]
+    # The labels index 150 classes: another class count is refused.
+    with pytest.raises(ValueError, match=r"ade20k tree at .* are ids of 150 classes, but 171 classes are used"):
+        load_segmentation_dataset(ade, num_classes=171)
+    (ade / "annotations" / "training" / "ADE_train_00000002.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"Missing label file for image .*ADE_train_00000002\.jpg"):
+        load_segmentation_dataset(ade, splits="train")
+
+
+def test_ade20k_in_the_hubs_parquet_layout(tmp_path):
+    """scene_parse_150's parquet columns (image, annotation, scene_category), stored labels 0..150: with
+    benchmark="ade20k-150" the annotation column and reduce_zero_label are the defaults."""
+    stored = [_label_pattern(8, 10, [0, 1, 150]), _label_pattern(8, 10, [255, 37])]
+    shard = datasets.Dataset.from_dict(
+        {
+            "image": [PIL.Image.fromarray(np.full((8, 10, 3), 60, np.uint8))] * 2,
+            "annotation": [PIL.Image.fromarray(values) for values in stored],
+            "scene_category": [3, 7],
+        },
+        features=datasets.Features(
+            {"image": datasets.Image(), "annotation": datasets.Image(), "scene_category": datasets.Value("int64")}
+        ),
+    )
+    repository = tmp_path / "ade20k-parquet"
+    shard.to_parquet(str(repository / "data" / "validation-00000-of-00001.parquet"))
+    dataset = load_segmentation_dataset(repository, benchmark="ade20k-150")
+    assert list(dataset) == ["validation"] and dataset["validation"].column_names == ["image", "label"]
+    np.testing.assert_array_equal(_label_ids(dataset["validation"][0]["label"]), _label_pattern(8, 10, [255, 0, 149]))
+    np.testing.assert_array_equal(_label_ids(dataset["validation"][1]["label"]), _label_pattern(8, 10, [255, 36]))
+    # Stored as train ids already: identity, checked against the 150 classes.
+    as_stored = load_segmentation_dataset(repository, benchmark="ade20k-150", label_mapping="identity")
+    with pytest.raises(ValueError, match=r"holds values \[150\]"):
+        as_stored["validation"][0]
+    # Without a benchmark, the ids are checked against the number of classes used.
+    counted = load_segmentation_dataset(repository, label_mapping="reduce_zero_label", num_classes=37)
+    with pytest.raises(ValueError, match=r"holds values \[150\].*\(37 classes"):
+        counted["validation"][0]
 
 
 def test_coco_stuff_train_id_lut():

@@ -278,6 +278,50 @@ def test_cross_dataset_class_names(assets, tmp_path, caplog):
     assert_matches(record, metric.compute())
 
 
+def test_cross_dataset_ade20k_150(assets, tmp_path, caplog):
+    """A (tiny) COCO-Stuff model scored on an ADE20K tree with ADE20K-150's class names, encoded with its 15 templates,
+    as for PASCAL Context. The tree's label maps are the model's own predictions (stored as train id + 1, with an
+    "other objects" block of 0 and a block of wrong ids), so that the figures are far from trivial."""
+    from transformers import AutoTokenizer
+
+    from .test_data import make_ade20k_tree
+
+    coco, ade = get_benchmark("coco-stuff"), get_benchmark("ade20k-150")
+    model_dir = save_model_folder(
+        tmp_path / "coco_model", assets["clip_dir"], id2label=coco.id2label, seen_class_ids=list(coco.seen_class_ids),
+        benchmark="coco-stuff", prompt_templates=list(coco.templates),
+    )  # fmt: skip
+    model = CLIPRCForSemanticSegmentation.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = tokenizer([template.format(name) for name in ade.class_names for template in coco.templates],
+                        padding=True, return_tensors="pt")  # fmt: skip
+    shape = (150, len(coco.templates), -1)
+    input_ids, attention_mask = prompts["input_ids"].view(shape), prompts["attention_mask"].view(shape)
+    text_embeds = model.clip_rc.encode_class_prompts(input_ids, attention_mask)
+    ade_root = make_ade20k_tree(tmp_path / "ade", sizes=((40, 56), (64, 48)))
+    metric = SegmentationMetric(150, seen_class_ids=range(150))
+    for label_path in sorted((ade_root / "annotations" / "validation").iterdir()):
+        image = Image.open(ade_root / "images" / "validation" / f"{label_path.stem}.jpg").convert("RGB")
+        prediction = reference_label_map(model, image, (image.height, image.width), text_embeds, torch.zeros(150))
+        label = prediction.numpy().copy()
+        label[: image.height // 4, : image.width // 3] = 255  # other objects, stored as 0
+        label[-image.height // 4 :, -image.width // 3 :] = (label[-image.height // 4 :, -image.width // 3 :] + 7) % 150
+        Image.fromarray(np.where(label == 255, 0, label + 1).astype(np.uint8)).save(label_path)
+        metric.update(prediction, label)
+    expected = metric.compute()
+    assert 0.5 < expected["overall_accuracy"] < 1.0
+
+    arguments = ["--model", str(model_dir), "--data_root", str(ade_root), "--no_progress"]
+    assert main(arguments + ["--output_dir", str(tmp_path / "mismatch")]) == 1
+    assert "hold 150 classes but 171 classes are scored" in caplog.text and "--class_names_from" in caplog.text
+    assert main(arguments + ["--output_dir", str(tmp_path / "out"), "--class_names_from", "ade20k-150"]) == 0
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert record["class_names"] == list(ade.class_names) and record["split"] == "val" and record["num_images"] == 2
+    assert record["seen_class_ids"] == list(range(150)) and record["unseen_class_ids"] == []  # no published split
+    assert record["class_names_source"] == "--class_names_from ade20k-150"
+    assert_matches(record, expected)
+
+
 def test_a_saved_dataset_with_the_models_own_classes(assets, tmp_path):
     dataset_dir = make_segmentation_dataset(tmp_path / "dataset", num_train=1, num_validation=3, size=(45, 71))
     assert main(["--model", str(assets["small_model_dir"]), "--dataset", str(dataset_dir), "--output_dir",
