@@ -2,7 +2,7 @@
 
 import sys
 
-from clip_rc.evaluation import main
+from clip_rc.commands.evaluate import main
 
 
 if __name__ == "__main__":

@@ -34,14 +34,14 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "clip-rc-train = clip_rc.training:main",
-            "clip-rc-eval = clip_rc.evaluation:main",
-            "clip-rc-predict = clip_rc.predict:main",
-            "clip-rc-convert = clip_rc.convert_original:main",
-            "clip-rc-flops = clip_rc.flops:main_flops",
-            "clip-rc-benchmark = clip_rc.benchmark:main",
-            "clip-rc-demo = clip_rc.demo:main",
-            "clip-rc-export = clip_rc.export:main",
+            "clip-rc-train = clip_rc.commands.train:main",
+            "clip-rc-eval = clip_rc.commands.evaluate:main",
+            "clip-rc-predict = clip_rc.commands.predict:main",
+            "clip-rc-convert = clip_rc.commands.convert:main",
+            "clip-rc-flops = clip_rc.commands.flops:main_flops",
+            "clip-rc-benchmark = clip_rc.commands.speed:main",
+            "clip-rc-demo = clip_rc.toy.demo:main",
+            "clip-rc-export = clip_rc.commands.export:main",
         ]
     },
 )

@@ -1,7 +1,7 @@
 """ONNX Runtime against PyTorch on one full-size crop, side by side in one process (the README's Deploy figures).
 
 The preset's model with random weights and class embeddings (no download) is exported to ONNX through
-`clip_rc.export.export_segmentation_model`; then PyTorch eager and the ONNX Runtime session, both limited to
+`clip_rc.commands.export.export_segmentation_model`; then PyTorch eager and the ONNX Runtime session, both limited to
 `--threads`, run the same crop in turns (so a change of machine load hits both alike), after one warm-up run each.
 It prints the median seconds per crop of each, the largest logit difference and the machine's load averages.
 
@@ -17,11 +17,11 @@ import time
 import torch
 
 from clip_rc import CLIPRCConfig, CLIPRCForSemanticSegmentation
-from clip_rc.export import export_segmentation_model
+from clip_rc.commands.export import export_segmentation_model
 from clip_rc.utils import setup_logging
 
 
-logger = logging.getLogger("clip_rc.benchmarks.onnxruntime_speed")
+logger = logging.getLogger("clip_rc.class_sets.onnxruntime_speed")
 
 
 def parse_args() -> argparse.Namespace:

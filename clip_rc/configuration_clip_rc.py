@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.utils import logging
 
-from .benchmarks import check_class_names, check_templates, get_benchmark
+from .class_sets import check_class_names, check_templates, get_benchmark
 
 
 logger = logging.get_logger(__name__)

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 from transformers.exporters import ExportedModel
 from transformers.exporters.base import EXPORT_MANIFEST_FILE
 
-from .export import CLASS_EMBEDDINGS_FILE, EXPORT_FORMATS, SEGMENTATION_COMPONENT, TEXT_COMPONENT, image_size_multiple
+from .commands.export import CLASS_EMBEDDINGS_FILE, EXPORT_FORMATS, SEGMENTATION_COMPONENT, TEXT_COMPONENT, image_size_multiple
 from .image_processing_clip_rc import CLIPRCImageProcessor
 from .modeling_clip_rc import CLIPRCSemanticSegmenterOutput
 

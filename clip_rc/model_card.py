@@ -13,7 +13,7 @@ from .configuration_clip_rc import CLIPRCConfig
 __all__ = ["MODEL_CARD_MARKER", "build_model_card"]
 
 # The first line of the model card after its metadata: a README.md without it is a user's and is never replaced.
-MODEL_CARD_MARKER = "<!-- model card written by clip_rc.training -->"
+MODEL_CARD_MARKER = "<!-- model card written by clip_rc.commands.train -->"
 
 # Run figures reported in the model index: results key -> (metric type, display name).
 _REPORTED_METRICS = {
@@ -74,7 +74,7 @@ def _body(config: CLIPRCConfig, recipe, metrics, eval_table, name: str) -> str:
     lines = [
         MODEL_CARD_MARKER, "", "# CLIP-RC", "",
         "CLIP-RC (\"Exploring Regional Clues in CLIP for Zero-Shot Semantic Segmentation\", Zhang et al., CVPR 2024), "
-        f"trained with `clip_rc.training` in the **{config.setting}** setting on **{config.benchmark}** "
+        f"trained with `clip_rc.commands.train` in the **{config.setting}** setting on **{config.benchmark}** "
         f"({config.num_labels} classes, {len(config.unseen_class_ids)} unseen).", "",
         "## Use", "",
         "```python", "from transformers import pipeline", "",
@@ -95,7 +95,7 @@ def _body(config: CLIPRCConfig, recipe, metrics, eval_table, name: str) -> str:
             lines += ["<details><summary>Per class</summary>", "", "```", eval_table, "```", "", "</details>", ""]
     else:
         lines += ["Not evaluated.", ""]
-    lines += ["## Training recipe", "", "Arguments of `clip_rc.training` (resolved defaults included):", "",
+    lines += ["## Training recipe", "", "Arguments of `clip_rc.commands.train` (resolved defaults included):", "",
               "```json", json.dumps(recipe, indent=2, default=str), "```", ""]  # fmt: skip
     return "\n".join(lines)
 

@@ -27,7 +27,7 @@ from transformers.utils import logging
 from transformers.utils.generic import TransformersKwargs, can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .benchmarks import check_class_names
+from .class_sets import check_class_names
 from .configuration_clip_rc import CLIPRCConfig
 
 

@@ -34,7 +34,7 @@ from transformers.image_utils import load_image
 from transformers.pipelines.base import Pipeline
 from transformers.utils import logging, requires_backends
 
-from .benchmarks import check_class_names, check_templates
+from .class_sets import check_class_names, check_templates
 from .image_processing_clip_rc import CLIPRCImageProcessor
 from .processing_clip_rc import CLIPRCProcessor
 

@@ -12,7 +12,7 @@ import PIL.ImageDraw
 import PIL.ImageFont
 import torch
 
-from .benchmarks import BENCHMARKS, get_benchmark
+from .class_sets import BENCHMARKS, get_benchmark
 
 
 __all__ = ["class_palette", "colorize_label_map", "draw_legend", "overlay_label_map", "save_iou_plot", "save_label_map"]

@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from clip_rc.benchmarks import get_benchmark
+from clip_rc.class_sets import get_benchmark
 
 
 def class_colour(class_id: int) -> tuple[int, int, int]:

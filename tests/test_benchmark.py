@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from clip_rc.benchmark import run_benchmark
+from clip_rc.commands.speed import run_benchmark
 
 
 def test_benchmark_writes_a_report(tmp_path, capsys):

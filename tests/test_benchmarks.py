@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from clip_rc.benchmarks import BENCHMARKS, COCO_STUFF_TEMPLATES, VOC_TEMPLATES, Benchmark, get_benchmark
+from clip_rc.class_sets import BENCHMARKS, COCO_STUFF_TEMPLATES, VOC_TEMPLATES, Benchmark, get_benchmark
 
 
 def test_benchmark_names_and_sizes():

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoModelForSemanticSegmentation, CLIPConfig, CLIPModel
 
 from clip_rc import CLIPRCForSemanticSegmentation, CLIPRCImageProcessor, CLIPRCProcessor
-from clip_rc.convert_original import (
+from clip_rc.commands.convert import (
     CheckpointConversionError,
     convert_original_checkpoint,
     load_openai_clip,
@@ -21,7 +21,7 @@ from clip_rc.convert_original import (
     save_original_checkpoint,
     to_original_state_dict,
 )
-from clip_rc.flops import flop_report, format_report, main_flops
+from clip_rc.commands.flops import flop_report, format_report, main_flops
 
 from .conftest import TINY_TEXT, TINY_VISION, tiny_config, tiny_model, without_dropout
 from .reference_oracle import (
@@ -241,7 +241,7 @@ def test_reference_tensors_land_where_the_spec_says(tmp_path):
 
 
 def test_unused_reference_weights_are_dropped_and_counted(caplog):
-    with caplog.at_level(logging.INFO, logger="clip_rc.convert_original"):
+    with caplog.at_level(logging.INFO, logger="clip_rc.commands.convert"):
         convert_original_checkpoint(random_reference_state_dict(), config=tiny_config())
     # 6 tensors in each of 3 + 3 decoder layers and 1 + 1 recovery layers.
     assert "Dropped 48 tensors" in caplog.text

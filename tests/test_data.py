@@ -9,13 +9,12 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
 from clip_rc import CLIPRCImageProcessor
+from clip_rc.data.transforms import _hsv_to_rgb_uint8, _rgb_to_hsv_uint8
 from clip_rc.data import (
     REFERENCE_IMAGE_MEAN,
     REFERENCE_IMAGE_STD,
     SegmentationDecoder,
     SegmentationTrainTransform,
-    _hsv_to_rgb_uint8,
-    _rgb_to_hsv_uint8,
     coco_stuff_train_id_lut,
     collate_fn,
     load_segmentation_dataset,

@@ -4,7 +4,7 @@ evaluation, overlays and the seen / unseen / hIoU table (about two minutes on 2 
 import json
 import re
 
-from clip_rc.demo import format_demo_table, main, parse_demo_table
+from clip_rc.toy.demo import format_demo_table, main, parse_demo_table
 
 
 def test_demo_table_round_trips():
@@ -26,7 +26,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     ):  # fmt: skip
         assert (output_dir / path).is_file(), path
     assert len(list((output_dir / "predictions").glob("*_overlay.png"))) >= 1
-    # the training script's own log lines reach the run's log (it runs as `python -m clip_rc.training`)
+    # the training script's own log lines reach the run's log (it runs as `python -m clip_rc.commands.train`)
     train_log = (output_dir / "caption-clip" / "train.log").read_text()
     assert re.search(r"INFO clip_rc\.training: (\[RANK 0\] )?step 100: loss=", train_log)
 

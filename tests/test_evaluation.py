@@ -1,4 +1,4 @@
-"""`eval.py` / `clip_rc.evaluation` end to end on a tiny saved model and generated data (no downloads).
+"""`eval.py` / `clip_rc.commands.evaluate` end to end on a tiny saved model and generated data (no downloads).
 
 The validation label maps of the generated VOC tree are written from the tiny model's own predictions (computed
 independently here by `reference_label_map`, a loop over windows on the model's forward alone), then perturbed, so
@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from clip_rc import CLIPRCForSemanticSegmentation
-from clip_rc.benchmarks import get_benchmark
+from clip_rc.class_sets import get_benchmark
 from clip_rc.data import REFERENCE_IMAGE_MEAN, REFERENCE_IMAGE_STD, load_segmentation_dataset
-from clip_rc.evaluation import METRIC_KEYS, evaluate_model, main, resolve_classes
+from clip_rc.commands.evaluate import METRIC_KEYS, evaluate_model, main, resolve_classes
 from clip_rc.image_processing_clip_rc import CLIPRCImageProcessor, get_rescaled_size, resize_image_array
 from clip_rc.metrics import SegmentationMetric
 from clip_rc.processing_clip_rc import CLIPRCProcessor

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from clip_rc import export as export_module
-from clip_rc.export import main
+from clip_rc.commands import export as export_module
+from clip_rc.commands.export import main
 from clip_rc.exported_model import load_exported_model_and_processor
 from clip_rc.inference import encode_class_names, load_model_and_processor, segment_images
-from clip_rc.predict import main as predict_main
+from clip_rc.commands.predict import main as predict_main
 
 from .test_evaluation import save_model_folder
 from .test_readme import python_examples

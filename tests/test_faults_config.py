@@ -7,7 +7,7 @@ import re
 import pytest
 
 from clip_rc import CLIPRCConfig
-from clip_rc.benchmarks import check_class_names, check_templates
+from clip_rc.class_sets import check_class_names, check_templates
 
 from .conftest import TINY_TEXT, TINY_VISION, tiny_config
 

@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from clip_rc.convert_original import (
+from clip_rc.commands.convert import (
     CheckpointConversionError,
     convert_original_checkpoint,
     load_openai_clip,
     main,
     read_torchscript_tensors,
 )
-from clip_rc.flops import main_flops
+from clip_rc.commands.flops import main_flops
 
 from .conftest import tiny_config, tiny_model
 from .test_convert import (

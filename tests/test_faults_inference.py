@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from clip_rc.evaluation import main as eval_main
-from clip_rc.predict import main as predict_main
+from clip_rc.commands.evaluate import main as eval_main
+from clip_rc.commands.predict import main as predict_main
 
 from .conftest import tiny_model
 from .synthetic import make_segmentation_dataset
@@ -33,8 +33,8 @@ def broken_copy(model_folder, tmp_path, edit) -> str:
     """A copy of the model folder whose weights `edit` changed (a state dict in, a state dict out)."""
     folder = tmp_path / "broken"
     folder.mkdir()
-    for name in ("config.json", "modeling_clip_rc.py", "configuration_clip_rc.py", "benchmarks.py"):
-        (folder / name).write_bytes((model_folder / name).read_bytes())
+    for path in [model_folder / "config.json", *model_folder.glob("*.py")]:
+        (folder / path.name).write_bytes(path.read_bytes())
     save_file(edit(load_file(model_folder / "model.safetensors")), folder / "model.safetensors", metadata={"format": "pt"})
     return str(folder)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clip_rc import training
-from clip_rc.training import OWNER_MARKER, TrainingDivergedError, list_checkpoints
+from clip_rc.commands import train as training
+from clip_rc.commands.train import OWNER_MARKER, TrainingDivergedError, list_checkpoints
 
 from .synthetic import make_segmentation_dataset
 from .test_training import run_args

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from transformers import AutoModelForSemanticSegmentation, AutoProcessor
 
-from clip_rc.evaluation import evaluate_model
+from clip_rc.commands.evaluate import evaluate_model
 from clip_rc.inference import segment_images
 from clip_rc.pipelines import CLIPRCSegmentationPipeline, CLIPRCZeroShotSegmentationPipeline
-from clip_rc.predict import main as predict_main
+from clip_rc.commands.predict import main as predict_main
 
 from .test_evaluation import reference_label_map, save_model_folder
 from .tiny_clip import save_tiny_clip

@@ -18,10 +18,13 @@ from accelerate.state import AcceleratorState, GradientState
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from PIL import Image
 
-from clip_rc import CLIPRCConfig, CLIPRCForSemanticSegmentation, evaluation, predict, training
-from clip_rc import data as clip_rc_data
+from clip_rc import CLIPRCConfig, CLIPRCForSemanticSegmentation
+from clip_rc.commands import evaluate as evaluation
+from clip_rc.commands import predict
+from clip_rc.commands import train as training
+from clip_rc.data import loading as clip_rc_data
 from clip_rc.data import dataset_class_names
-from clip_rc.training import DataArguments, ModelArguments, training_class_list
+from clip_rc.commands.train import DataArguments, ModelArguments, training_class_list
 
 from .synthetic import class_colour
 from .tiny_clip import save_tiny_clip

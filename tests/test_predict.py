@@ -14,10 +14,10 @@ from transformers import AutoTokenizer, pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from clip_rc import CLIPRCForSemanticSegmentation
-from clip_rc.benchmarks import get_benchmark
+from clip_rc.class_sets import get_benchmark
 from clip_rc.image_processing_clip_rc import CLIPRCImageProcessor
 from clip_rc.pipelines import ZERO_SHOT_TASK, CLIPRCSegmentationPipeline, CLIPRCZeroShotSegmentationPipeline
-from clip_rc.predict import main
+from clip_rc.commands.predict import main
 from clip_rc.visualization import class_palette, draw_legend, overlay_label_map, save_label_map
 
 from .test_evaluation import reference_label_map, save_model_folder

@@ -1,4 +1,4 @@
-"""The synthetic world of `clip_rc.synthetic`: exact label maps, captions, seeding, the benchmark and the dataset."""
+"""The synthetic world of `clip_rc.toy.synthetic`: exact label maps, captions, seeding, the benchmark and the dataset."""
 
 import io
 import itertools
@@ -9,9 +9,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from clip_rc.benchmarks import Benchmark
+from clip_rc.class_sets import Benchmark
 from clip_rc.data import load_segmentation_dataset
-from clip_rc.synthetic import (
+from clip_rc.toy.synthetic import (
     BACKGROUND_MAX_SATURATION,
     HUES,
     OBJECT_MIN_SATURATION,

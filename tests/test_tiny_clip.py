@@ -1,4 +1,4 @@
-"""The tiny CLIP of `clip_rc.tiny_clip`: tokenizer, Hub-format folder, losses, and the chain into CLIP-RC."""
+"""The tiny CLIP of `clip_rc.toy.tiny_clip`: tokenizer, Hub-format folder, losses, and the chain into CLIP-RC."""
 
 import json
 
@@ -8,8 +8,8 @@ import torch
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel, CLIPTokenizerFast
 
 from clip_rc import CLIPRCConfig, CLIPRCForSemanticSegmentation, CLIPRCImageProcessor, CLIPRCProcessor
-from clip_rc.synthetic import SYNTHETIC_CLASSES, SyntheticWorld, synthetic_benchmark
-from clip_rc.tiny_clip import (
+from clip_rc.toy.synthetic import SYNTHETIC_CLASSES, SyntheticWorld, synthetic_benchmark
+from clip_rc.toy.tiny_clip import (
     TinyCLIPArguments,
     caption_corpus,
     image_to_pixel_values,

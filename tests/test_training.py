@@ -1,4 +1,4 @@
-"""Tests of the Accelerate training loop (`clip_rc.training`, `train_accelerate.py`) on a tiny CLIP and synthetic data.
+"""Tests of the Accelerate training loop (`clip_rc.commands.train`, `train_accelerate.py`) on a tiny CLIP and synthetic data.
 
 Every run uses a tiny CLIP saved by the test (2-layer towers, patch 8), 64-pixel crops and a handful of steps.
 In-process runs use one torch thread: on the shared 2-core machine, multi-threaded kernels on tiny tensors are ~100x
@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 import clip_rc
 from clip_rc import CLIPRCConfig, CLIPRCImageProcessor, PRESETS
-from clip_rc import training
-from clip_rc.training import (
+from clip_rc.commands import train as training
+from clip_rc.commands.train import (
     InfiniteShardedBatchSampler,
     ModelArguments,
     PolyWarmupLR,
@@ -91,7 +91,7 @@ def run_args(clip_dir, data_dir, output_dir, *extra, preset="voc-inductive", bat
 
 def expected_lr(iteration: int, base: float, total: int, warmup: int, ratio: float = 1e-6, power: float = 0.9,
                 minimum: float = 1e-6) -> float:
-    """mmcv's poly schedule with linear warm-up, written out independently of clip_rc.training."""
+    """mmcv's poly schedule with linear warm-up, written out independently of clip_rc.commands.train."""
     regular = (base - minimum) * (1 - iteration / total) ** power + minimum
     if iteration < warmup:
         return regular * (1 - (1 - iteration / warmup) * (1 - ratio))

@@ -14,7 +14,7 @@
 """A tiny CLIP trained here, on image-caption pairs of the synthetic world, saved in the Hub's format.
 
 This is the stand-in for OpenAI's CLIP when nothing can be downloaded: it knows the names of all the classes of
-[`clip_rc.synthetic`] (seen and unseen alike) only from captions, never from masks, as the real CLIP knows "sheep"
+[`clip_rc.toy.synthetic`] (seen and unseen alike) only from captions, never from masks, as the real CLIP knows "sheep"
 from web captions.
 
 - [`train_clip_tokenizer`]: a byte-level BPE trained with the `tokenizers` library on the caption corpus, with
@@ -42,7 +42,7 @@ Images are normalised with ImageNet statistics on 0-255 RGB (the statistics the 
 `clip_rc.data.REFERENCE_IMAGE_MEAN`), and the saved image processor says so, so the tiny CLIP sees its inputs
 exactly as in pre-training wherever it is used.
 
-Command line: `python -m clip_rc.tiny_clip --output_dir outputs/tiny-clip [--quick] [--probe]`.
+Command line: `python -m clip_rc.toy.tiny_clip --output_dir outputs/tiny-clip [--quick] [--probe]`.
 """
 
 import argparse
@@ -63,11 +63,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizerFast
 
-from .data import REFERENCE_IMAGE_MEAN, REFERENCE_IMAGE_STD
+from ..data import REFERENCE_IMAGE_MEAN, REFERENCE_IMAGE_STD
 from .synthetic import SYNTHETIC_TEMPLATES, SyntheticWorld, WorldConfig, synthetic_benchmark
 
 
-logger = logging.getLogger("clip_rc.tiny_clip")  # also when run as __main__
+logger = logging.getLogger("clip_rc.toy.tiny_clip")  # also when run as __main__
 
 __all__ = [
     "TinyCLIPArguments",
@@ -686,7 +686,7 @@ def train_and_probe(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m clip_rc.tiny_clip`: see [`train_and_probe`]; returns the exit status, 0 on success."""
+    """`python -m clip_rc.toy.tiny_clip`: see [`train_and_probe`]; returns the exit status, 0 on success."""
     train_and_probe(argv)
     return 0
 

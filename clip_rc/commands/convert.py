@@ -9,7 +9,7 @@ OpenAI's CLIP checkpoints and this library.
 - [`load_openai_clip`]: OpenAI's `ViT-B-16.pt` (TorchScript archive or plain state dict) -> `transformers.CLIPModel`,
   to start training with `CLIPRCForSemanticSegmentation.from_clip(load_openai_clip(path), config)`; archives are read
   by [`read_torchscript_tensors`], which runs nothing from the file (unlike `torch.jit.load`).
-- [`main`]: the `clip-rc-convert` command line (also `python -m clip_rc.convert_original`).
+- [`main`]: the `clip-rc-convert` command line (also `python -m clip_rc.commands.convert`).
 
 Name mapping (reference -> library), `{i}` a layer index; the towers' library names are those of the base model
 (`clip_rc.` in front of them in `CLIPRCForSemanticSegmentation`, none in a Hub `CLIPModel`):
@@ -59,11 +59,11 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 from transformers.utils import logging
 
-from .configuration_clip_rc import PRESETS, CLIPRCConfig
-from .image_processing_clip_rc import CLIPRCImageProcessor
-from .modeling_clip_rc import CLIPRCForSemanticSegmentation
-from .processing_clip_rc import CLIPRCProcessor
-from .utils import check_model_folder, load_clip_rc_config, missing_weights, non_finite_tensors
+from ..configuration_clip_rc import PRESETS, CLIPRCConfig
+from ..image_processing_clip_rc import CLIPRCImageProcessor
+from ..modeling_clip_rc import CLIPRCForSemanticSegmentation
+from ..processing_clip_rc import CLIPRCProcessor
+from ..utils import check_model_folder, load_clip_rc_config, missing_weights, non_finite_tensors
 
 
 logger = logging.get_logger(f"{__package__ or 'clip_rc'}.convert_original")  # also when run as __main__
@@ -774,7 +774,7 @@ def save_original_checkpoint(
         "CLASSES": tuple(config.class_names),
         "seen_class_ids": list(config.resolved_seen_class_ids),
         "setting": config.setting,
-        "converted_by": "clip_rc.convert_original",
+        "converted_by": "clip_rc.commands.convert",
         "clip_rc_config": config.to_json_string(use_diff=False),
     }
     checkpoint = {"state_dict": to_original_state_dict(model, include_unused_weights), "meta": meta}

@@ -13,12 +13,12 @@
 # limitations under the License.
 """`clip-rc-demo`: the whole zero-shot chain on a small world the library makes itself, offline, in minutes.
 
-1. **Data** ([`clip_rc.synthetic`]): a seeded synthetic benchmark of 12 classes (shape x colour x texture), 3 of them
+1. **Data** ([`clip_rc.toy.synthetic`]): a seeded synthetic benchmark of 12 classes (shape x colour x texture), 3 of them
    unseen (melon, donut, tile), written as a `save_to_disk` dataset (`data/`).
-2. **CLIP** ([`clip_rc.tiny_clip`]): a tiny `CLIPModel` and its BPE tokenizer trained on image-caption pairs naming
+2. **CLIP** ([`clip_rc.toy.tiny_clip`]): a tiny `CLIPModel` and its BPE tokenizer trained on image-caption pairs naming
    all 12 classes (no masks), saved in the Hub's format (`clip/`); and a control CLIP with the same architecture
    and tokenizer that never saw a caption (`clip-control/`).
-3. **CLIP-RC** ([`clip_rc.training`], run as `python -m clip_rc.training`, i.e. what `train_accelerate.py` runs):
+3. **CLIP-RC** ([`clip_rc.commands.train`], run as `python -m clip_rc.commands.train`, i.e. what `train_accelerate.py` runs):
    inductive training from each CLIP on the seen classes' masks only (unseen pixels ignored, unseen names never in
    the head), identical recipe and seed, the two runs at once in two processes of one torch thread each
    (`caption-clip/model`, `control/model`, logs in `*/train.log`). The recipe is the reference's (AdamW with its
@@ -27,8 +27,8 @@
    grid, a 64-wide decoder, 800 iterations of 8 crops at 4e-3, gradient clipping at 1.0, no dropout (drawing dropout
    masks is a quarter of a CPU step) and no photometric distortion (hue is a class attribute here: the reference's
    +-36 degree hue jitter would turn one class's colour into another's).
-4. **Evaluation** ([`clip_rc.evaluation`], as `eval.py`): all 12 classes on the held-out validation split
-   (`*/eval/metrics.json`), and overlays of a few validation images with [`clip_rc.predict`] (as `clip-rc-predict`,
+4. **Evaluation** ([`clip_rc.commands.evaluate`], as `eval.py`): all 12 classes on the held-out validation split
+   (`*/eval/metrics.json`), and overlays of a few validation images with [`clip_rc.commands.predict`] (as `clip-rc-predict`,
    `predictions/`).
 5. The seen / unseen / hIoU table of both runs is printed and written to `results.md` / `results.json`.
 
@@ -54,10 +54,10 @@ import torch
 
 from .synthetic import WorldConfig, load_synthetic_benchmark, write_synthetic_dataset
 from .tiny_clip import TinyCLIPArguments, patch_probe, save_untrained_clip, train_tiny_clip
-from .utils import setup_logging, write_json_atomic, write_text_atomic
+from ..utils import setup_logging, write_json_atomic, write_text_atomic
 
 
-logger = logging.getLogger("clip_rc.demo")
+logger = logging.getLogger("clip_rc.toy.demo")
 
 __all__ = ["DemoRecipe", "build_clip_rc_start", "format_demo_table", "main", "parse_demo_table"]
 
@@ -106,10 +106,10 @@ def build_clip_rc_start(clip_dir: str | os.PathLike, output_dir: str | os.PathLi
     """
     from transformers import AutoTokenizer, CLIPConfig
 
-    from .configuration_clip_rc import CLIPRCConfig
-    from .image_processing_clip_rc import CLIPRCImageProcessor
-    from .modeling_clip_rc import CLIPRCForSemanticSegmentation
-    from .processing_clip_rc import CLIPRCProcessor
+    from ..configuration_clip_rc import CLIPRCConfig
+    from ..image_processing_clip_rc import CLIPRCImageProcessor
+    from ..modeling_clip_rc import CLIPRCForSemanticSegmentation
+    from ..processing_clip_rc import CLIPRCProcessor
 
     benchmark = load_synthetic_benchmark()
     clip_config = CLIPConfig.from_pretrained(clip_dir)
@@ -148,7 +148,7 @@ def build_clip_rc_start(clip_dir: str | os.PathLike, output_dir: str | os.PathLi
 
 
 def _training_argv(start_dir: Path, data_dir: Path, output_dir: Path, recipe: DemoRecipe, seed: int) -> list[str]:
-    """Command line of `train_accelerate.py` (`clip_rc.training`) for one demo run."""
+    """Command line of `train_accelerate.py` (`clip_rc.commands.train`) for one demo run."""
     return [
         "--model_name_or_path", str(start_dir),
         "--dataset", str(data_dir),
@@ -170,7 +170,7 @@ def _training_argv(start_dir: Path, data_dir: Path, output_dir: Path, recipe: De
 
 
 def _launch_training(argv: list[str], log_path: Path, num_threads: int) -> subprocess.Popen:
-    """Start `python -m clip_rc.training argv` (what `train_accelerate.py` runs) in a process of its own, with
+    """Start `python -m clip_rc.commands.train argv` (what `train_accelerate.py` runs) in a process of its own, with
     `num_threads` torch threads, its output going to `log_path`."""
     env = dict(os.environ)
     if num_threads:
@@ -181,7 +181,7 @@ def _launch_training(argv: list[str], log_path: Path, num_threads: int) -> subpr
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "clip_rc.training", *argv], stdout=log, stderr=subprocess.STDOUT, env=env
+            [sys.executable, "-m", "clip_rc.commands.train", *argv], stdout=log, stderr=subprocess.STDOUT, env=env
         )
 
 
@@ -197,7 +197,7 @@ def _wait(processes: dict[str, tuple[subprocess.Popen, Path]]):
 
 
 def _evaluate(model_dir: Path, data_dir: Path, output_dir: Path) -> dict:
-    from . import evaluation
+    from ..commands import evaluate as evaluation
 
     argv = ["--model", str(model_dir), "--dataset", str(data_dir), "--split", "validation", "--output_dir",
             str(output_dir), "--batch_size", "8", "--no_progress"]  # fmt: skip
@@ -244,7 +244,7 @@ def parse_demo_table(text: str) -> dict[str, dict[str, float]]:
 
 
 def _save_sample_images(data_dir: Path, output_dir: Path, count: int) -> list[str]:
-    from .data import load_segmentation_dataset
+    from ..data import load_segmentation_dataset
 
     validation = load_segmentation_dataset(data_dir, splits="validation")["validation"]
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows[description] = _figures(metrics[run])
     mark = lap("evaluation", mark)
 
-    from . import predict
+    from ..commands import predict
 
     images = _save_sample_images(data_dir, output_dir / "samples", recipe.num_overlays)
     if predict.main(images + ["--model", str(output_dir / "caption-clip" / "model"), "--output_dir", str(output_dir / "predictions")]) != 0:

@@ -1,5 +1,5 @@
 """
-Parameter and FLOP report of a CLIP-RC configuration (`clip-rc-flops`, also `python -m clip_rc.flops`).
+Parameter and FLOP report of a CLIP-RC configuration (`clip-rc-flops`, also `python -m clip_rc.commands.flops`).
 
 Parameters are counted per part (image tower with its projection, prompts and region tokens; text tower with its
 projection; decode head, of which the training-only recovery branch), total and trainable (the reference's frozen
@@ -21,12 +21,12 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.utils import logging
 
-from .configuration_clip_rc import PRESETS, CLIPRCConfig
-from .modeling_clip_rc import CLIPRCForSemanticSegmentation
-from .utils import load_clip_rc_config, write_json_atomic
+from ..configuration_clip_rc import PRESETS, CLIPRCConfig
+from ..modeling_clip_rc import CLIPRCForSemanticSegmentation
+from ..utils import load_clip_rc_config, write_json_atomic
 
 
-logger = logging.get_logger("clip_rc.flops")  # also when run as __main__
+logger = logging.get_logger("clip_rc.commands.flops")  # also when run as __main__
 
 __all__ = ["count_parameters", "count_flops", "flop_report", "format_report", "main_flops"]
 

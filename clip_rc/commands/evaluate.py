@@ -40,16 +40,16 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
-from .benchmarks import BENCHMARKS, ClassList, check_templates, class_list, class_names_from_arguments, get_benchmark
-from .data import dataset_class_names, installed_decoder, load_segmentation_dataset
-from .image_processing_clip_rc import CLIPRCImageProcessor
-from .inference import encode_class_names, load_model_and_processor
-from .metrics import SegmentationMetric, compute_with_evaluate, cross_check, format_results_table, harmonic_mean, nanmean
-from .utils import json_ready, launched_without_accelerator, setup_logging, write_json_atomic
-from .visualization import class_palette, overlay_label_map, save_iou_plot
+from ..class_sets import BENCHMARKS, ClassList, check_templates, class_list, class_names_from_arguments, get_benchmark
+from ..data import dataset_class_names, installed_decoder, load_segmentation_dataset
+from ..image_processing_clip_rc import CLIPRCImageProcessor
+from ..inference import encode_class_names, load_model_and_processor
+from ..metrics import SegmentationMetric, compute_with_evaluate, cross_check, format_results_table, harmonic_mean, nanmean
+from ..utils import json_ready, launched_without_accelerator, setup_logging, write_json_atomic
+from ..visualization import class_palette, overlay_label_map, save_iou_plot
 
 
-logger = logging.getLogger("clip_rc.evaluation")
+logger = logging.getLogger("clip_rc.commands.evaluate")
 
 __all__ = ["METRIC_KEYS", "MetricsMismatchError", "evaluate_model", "main", "with_split_figures"]
 
@@ -507,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(args)
     except (ValueError, OSError, RuntimeError) as error:
-        logging.getLogger("clip_rc.evaluation").error(f"Evaluation failed, metrics.json not written: {error}")
+        logging.getLogger("clip_rc.commands.evaluate").error(f"Evaluation failed, metrics.json not written: {error}")
         return 1
     return 0
 

@@ -40,7 +40,7 @@ the scene", ...). Captions hold lower-case words and spaces only, so a CLIP toke
 
 The benchmark
 -------------
-[`synthetic_benchmark`] is the [`~clip_rc.benchmarks.Benchmark`] of this world (`"synthetic-shapes"`): the twelve
+[`synthetic_benchmark`] is the [`~clip_rc.class_sets.Benchmark`] of this world (`"synthetic-shapes"`): the twelve
 class names in id order, unseen classes 9, 10, 11 (melon, donut, tile), the template `"a photo of a {}"` and a
 palette. [`write_synthetic_dataset`] writes a `datasets.DatasetDict` (`train` / `validation`, columns `image`,
 `label`, `caption`, `class_ids`) with `save_to_disk`, plus `benchmark.json`; it loads with
@@ -61,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .benchmarks import Benchmark
+from ..class_sets import Benchmark
 
 
 __all__ = [
@@ -187,7 +187,7 @@ _PALETTE_SV = {"solid": (0.9, 0.95), "stripes": (0.9, 0.6), "dots": (0.5, 0.95),
 
 
 def synthetic_benchmark() -> Benchmark:
-    """The [`~clip_rc.benchmarks.Benchmark`] of the synthetic world (`"synthetic-shapes"`): 12 classes, unseen
+    """The [`~clip_rc.class_sets.Benchmark`] of the synthetic world (`"synthetic-shapes"`): 12 classes, unseen
     9 / 10 / 11 (melon, donut, tile), template `"a photo of a {}"`, palette = each class's own colour."""
     palette = []
     for synthetic_class in SYNTHETIC_CLASSES:

@@ -38,15 +38,15 @@ from torch.export import Dim
 from transformers.exporters import AutoHfExporter, DynamoConfig, ExportedModel, OnnxConfig
 from transformers.utils import ModelOutput
 
-from .configuration_clip_rc import CLIPRCConfig
-from .convert_original import atomic_output_dir
-from .inference import load_model_and_processor
-from .modeling_clip_rc import CLIPRCForSemanticSegmentation, CLIPRCModel
-from .processing_clip_rc import CLIPRCProcessor
-from .utils import setup_logging
+from ..configuration_clip_rc import CLIPRCConfig
+from .convert import atomic_output_dir
+from ..inference import load_model_and_processor
+from ..modeling_clip_rc import CLIPRCForSemanticSegmentation, CLIPRCModel
+from ..processing_clip_rc import CLIPRCProcessor
+from ..utils import setup_logging
 
 
-logger = logging.getLogger("clip_rc.export")
+logger = logging.getLogger("clip_rc.commands.export")
 
 __all__ = [
     "CLASS_EMBEDDINGS_FILE",

@@ -31,14 +31,14 @@ from typing import Any
 import PIL.Image
 import torch
 
-from .exported_model import load_exported_model_and_processor
-from .inference import encode_class_names, load_model_and_processor, segment_images
-from .benchmarks import check_class_names
-from .utils import atomic_path, setup_logging
-from .visualization import class_palette, overlay_label_map, save_label_map
+from ..exported_model import load_exported_model_and_processor
+from ..inference import encode_class_names, load_model_and_processor, segment_images
+from ..class_sets import check_class_names
+from ..utils import atomic_path, setup_logging
+from ..visualization import class_palette, overlay_label_map, save_label_map
 
 
-logger = logging.getLogger("clip_rc.predict")
+logger = logging.getLogger("clip_rc.commands.predict")
 
 __all__ = ["main", "predict"]
 

@@ -1,6 +1,6 @@
 """The quickest end-to-end run of the library, offline: tiny CLIP -> CLIP-RC -> train -> segment -> save -> reload.
 
-`python -m clip_rc.quickstart --output_dir outputs/quickstart`
+`python -m clip_rc.toy.quickstart --output_dir outputs/quickstart`
 """
 
 import argparse
@@ -13,12 +13,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, CLIPConfig, CLIPModel
 
-from .configuration_clip_rc import CLIPRCConfig
-from .image_processing_clip_rc import CLIPRCImageProcessor
-from .modeling_clip_rc import CLIPRCForSemanticSegmentation
+from ..configuration_clip_rc import CLIPRCConfig
+from ..image_processing_clip_rc import CLIPRCImageProcessor
+from ..modeling_clip_rc import CLIPRCForSemanticSegmentation
 
 
-logger = logging.getLogger("clip_rc.quickstart")
+logger = logging.getLogger("clip_rc.toy.quickstart")
 
 CLASS_NAMES = ["red square", "green square", "blue square"]
 CLASS_COLOURS = np.array([[220, 40, 40], [40, 200, 60], [50, 60, 220]], dtype=np.float32)

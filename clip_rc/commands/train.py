@@ -83,16 +83,16 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser
 from transformers.dynamic_module_utils import custom_object_save
 
-from . import PRESETS, CLIPRCConfig, CLIPRCForSemanticSegmentation
-from .benchmarks import BENCHMARKS, ClassList, check_templates, class_list, class_names_from_arguments, get_benchmark
-from .data import SegmentationTrainTransform, collate_fn, dataset_class_names, load_segmentation_dataset
-from .evaluation import evaluate_model
-from .image_processing_clip_rc import CLIPRCImageProcessor
-from .inference import encode_class_names
-from .metrics import format_results_table
-from .model_card import MODEL_CARD_MARKER, build_model_card
-from .processing_clip_rc import CLIPRCProcessor
-from .utils import (
+from .. import PRESETS, CLIPRCConfig, CLIPRCForSemanticSegmentation
+from ..class_sets import BENCHMARKS, ClassList, check_templates, class_list, class_names_from_arguments, get_benchmark
+from ..data import SegmentationTrainTransform, collate_fn, dataset_class_names, load_segmentation_dataset
+from .evaluate import evaluate_model
+from ..image_processing_clip_rc import CLIPRCImageProcessor
+from ..inference import encode_class_names
+from ..metrics import format_results_table
+from ..model_card import MODEL_CARD_MARKER, build_model_card
+from ..processing_clip_rc import CLIPRCProcessor
+from ..utils import (
     check_model_folder,
     json_ready,
     launched_without_accelerator,
@@ -102,7 +102,7 @@ from .utils import (
 )
 
 
-logger = get_logger("clip_rc.training")  # also when run as __main__ (python -m clip_rc.training)
+logger = get_logger("clip_rc.commands.train")  # also when run as __main__ (python -m clip_rc.commands.train)
 
 __all__ = [
     "DataArguments",
@@ -299,7 +299,7 @@ class TrainingArguments:
         default=False,
         metadata={"help": "Start afresh in an output_dir that is not empty: checkpoints of an earlier run there are "
                   "deleted and the final save replaces files of the names it writes, except a README.md that "
-                  "clip_rc.training did not write (kept). Without it a non-empty output_dir is refused unless "
+                  "clip_rc.commands.train did not write (kept). Without it a non-empty output_dir is refused unless "
                   "resuming from one of its checkpoints."},
     )
     max_steps: int | None = field(
@@ -667,7 +667,7 @@ def _written_here(path: Path) -> bool:
 
 def _mark(folder: Path):
     (folder / OWNER_MARKER).write_text(
-        "Written by clip_rc.training; a `.tmp-*` folder holding this file is removed at the next start.\n",
+        "Written by clip_rc.commands.train; a `.tmp-*` folder holding this file is removed at the next start.\n",
         encoding="utf-8",
     )
 
@@ -676,7 +676,7 @@ def _clear(path: Path):
     """Make room at `path`: remove the folder this module wrote there, refuse to touch anything else."""
     if path.exists() or path.is_symlink():
         if not _written_here(path):
-            raise FileExistsError(f"{path} exists and was not written by clip_rc.training; move it away.")
+            raise FileExistsError(f"{path} exists and was not written by clip_rc.commands.train; move it away.")
         shutil.rmtree(path)
 
 
@@ -701,7 +701,7 @@ def _discard_checkpoint(path: Path):
     that looks complete: it is first marked and renamed to `.tmp-deleting-checkpoint-N` (removed at the next start
     if need be). A folder that is neither marked nor a complete checkpoint is refused."""
     if not (_written_here(path) or _is_complete_checkpoint(path)):
-        raise FileExistsError(f"{path} was not written by clip_rc.training (no {OWNER_MARKER}); move it away.")
+        raise FileExistsError(f"{path} was not written by clip_rc.commands.train (no {OWNER_MARKER}); move it away.")
     _mark(path)  # checkpoints written before the marker existed
     doomed = path.with_name(f".tmp-deleting-{path.name}")
     _clear(doomed)
@@ -977,7 +977,7 @@ def evaluate_segmentation(
     description: str = "evaluating",
 ) -> dict[str, Any]:
     """
-    Periodic evaluation: `eval.py`'s scoring ([`~clip_rc.evaluation.evaluate_model`]: the reference's sliding-window
+    Periodic evaluation: `eval.py`'s scoring ([`~clip_rc.commands.evaluate.evaluate_model`]: the reference's sliding-window
     protocol, metric totals summed over processes) on `eval_dataset`, plus the per-class table as `table`. Every
     process must call it; all get the same figures.
     """
@@ -1010,7 +1010,7 @@ def push_to_hub(output_dir: Path, hub_model_id: str | None, private: bool = Fals
     api.upload_folder(
         repo_id=repo_id,
         folder_path=str(output_dir),
-        commit_message="Upload CLIP-RC trained with clip_rc.training",
+        commit_message="Upload CLIP-RC trained with clip_rc.commands.train",
         ignore_patterns=[f"{CHECKPOINT_PREFIX}*", f"{CHECKPOINT_PREFIX}*/**", ".tmp-*", ".tmp-*/**"],
     )
     return repo_id
@@ -1199,12 +1199,12 @@ def _prepare_output_dir(output_dir: Path, resume_path: Path | None, overwrite: b
                 f"{output_dir} is not empty (it holds {', '.join(occupied[:10])}"
                 f"{', ...' if len(occupied) > 10 else ''}): choose another --output_dir, or pass "
                 "--overwrite_output_dir to train into it (the final save replaces files of the names it writes; a "
-                "README.md not written by clip_rc.training is kept)."
+                "README.md not written by clip_rc.commands.train is kept)."
             )
     foreign = [name for name in _user_entries(output_dir) if _TEMPORARY_PATTERN.match(name)]
     if foreign:
         raise ValueError(
-            f"{output_dir} holds {foreign}, named like the temporary folders of clip_rc.training but not written by "
+            f"{output_dir} holds {foreign}, named like the temporary folders of clip_rc.commands.train but not written by "
             "it; move them away."
         )
     accelerator.wait_for_everyone()
@@ -1667,7 +1667,7 @@ def _save_final(model, processor, output_dir: Path, recipe, metrics, table, log_
         processor.save_pretrained(temporary)
     readme = output_dir / "README.md"
     if readme.exists() and MODEL_CARD_MARKER not in readme.read_text(encoding="utf-8", errors="replace"):
-        logger.warning(f"Keeping {readme}, which clip_rc.training did not write: the model card is not saved.")
+        logger.warning(f"Keeping {readme}, which clip_rc.commands.train did not write: the model card is not saved.")
     else:
         repo_id = training_args.hub_model_id if training_args.push_to_hub else None
         card = build_model_card(model.config, recipe, metrics, table, repo_id, recipe.get("resolved.eval_split"))

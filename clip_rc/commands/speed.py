@@ -4,7 +4,7 @@ Each case runs in a fresh subprocess so that its peak memory (process RSS on CPU
 is its own. FLOPs per crop are counted with `torch.utils.flop_counter.FlopCounterMode`; the achieved rate is set
 against a matmul peak measured in the same run.
 
-    python -m clip_rc.benchmark --threads 2 --json results.json
+    python -m clip_rc.commands.speed --threads 2 --json results.json
 """
 
 import argparse
@@ -19,13 +19,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .configuration_clip_rc import CLIPRCConfig
-from .image_processing_clip_rc import CLIPRCImageProcessor
-from .modeling_clip_rc import CLIPRCForSemanticSegmentation
-from .utils import setup_logging, write_json_atomic
+from ..configuration_clip_rc import CLIPRCConfig
+from ..image_processing_clip_rc import CLIPRCImageProcessor
+from ..modeling_clip_rc import CLIPRCForSemanticSegmentation
+from ..utils import setup_logging, write_json_atomic
 
 
-logger = logging.getLogger("clip_rc.benchmark")
+logger = logging.getLogger("clip_rc.commands.speed")
 
 # (name, preset, number of classes, training?) as in the issue's table: VOC 20, COCO-Stuff 171, an open vocabulary.
 DEFAULT_CASES = (
