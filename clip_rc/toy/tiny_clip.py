@@ -514,11 +514,14 @@ def _train_loop(clip, tokenizer, optimizer, scheduler, batches, class_words, pro
         running = values if running is None else tuple(0.9 * r + 0.1 * v for r, v in zip(running, values))
         progress.set_postfix(clip=f"{running[0]:.3f}", dense=f"{running[1]:.3f}")
         if args.log_every and (step + 1) % args.log_every == 0:
+            elapsed = time.perf_counter() - start
             logger.info(
-                "tiny CLIP step %d/%d: contrastive %.3f, dense %.3f (%.0f s)",
-                step + 1, args.steps, running[0], running[1], time.perf_counter() - start,
+                "tiny CLIP step %d/%d: contrastive loss %.3f, dense %.3f, %.0f s elapsed, ETA %.0f s",
+                step + 1, args.steps, running[0], running[1], elapsed, elapsed / (step + 1) * (args.steps - step - 1),
             )  # fmt: skip
-    logger.info("tiny CLIP trained in %.1f s (%d steps of %d pairs)", time.perf_counter() - start, args.steps, args.batch_size)
+    logger.info(
+        "tiny CLIP trained in %.1f s (%d steps of %d pairs)", time.perf_counter() - start, args.steps, args.batch_size
+    )
 
 
 def save_clip_folder(
