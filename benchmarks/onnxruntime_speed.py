@@ -16,9 +16,10 @@ import time
 
 import torch
 
-from clip_rc import CLIPRCConfig, CLIPRCForSemanticSegmentation
+from clip_rc import CLIPRCForSemanticSegmentation
 from clip_rc.commands.export import export_segmentation_model
 from clip_rc.utils import setup_logging
+from clip_rc.presets import preset_config
 
 
 logger = logging.getLogger("clip_rc.class_sets.onnxruntime_speed")
@@ -34,7 +35,7 @@ def parse_args() -> argparse.Namespace:
 
 def random_model(preset: str) -> CLIPRCForSemanticSegmentation:
     torch.manual_seed(0)
-    config = CLIPRCConfig.from_preset(preset)
+    config = preset_config(preset)
     model = CLIPRCForSemanticSegmentation(config).eval()
     model.set_class_embeddings(torch.randn(config.num_labels, config.projection_dim))
     return model

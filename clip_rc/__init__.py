@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation, AutoProcessor
 
-from .configuration_clip_rc import PRESETS, SETTINGS, CLIPRCConfig
+from .configuration_clip_rc import SETTINGS, CLIPRCConfig
 from .image_processing_clip_rc import CLIPRCImageProcessor
 from .modeling_clip_rc import (
     CLIPRCForSemanticSegmentation,
@@ -12,6 +12,7 @@ from .modeling_clip_rc import (
     CLIPRCSemanticSegmenterOutput,
 )
 from .pipelines import CLIPRCSegmentationPipeline, CLIPRCZeroShotSegmentationPipeline
+from .presets import PRESETS, preset_config
 from .processing_clip_rc import CLIPRCProcessor
 
 
@@ -40,4 +41,5 @@ __all__ = [
     "CLIPRCZeroShotSegmentationPipeline",
     "PRESETS",
     "SETTINGS",
+    "preset_config",
 ]

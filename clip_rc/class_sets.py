@@ -44,7 +44,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
-from string import Formatter
+
+from .configuration_clip_rc import VOC_CLASS_NAMES, check_class_names, check_templates, parse_class_names
 
 
 __all__ = [
@@ -54,79 +55,13 @@ __all__ = [
     "ClassList",
     "VOC_TEMPLATES",
     "benchmark_of_class_names",
-    "check_class_names",
-    "check_templates",
     "class_list",
     "class_names_from_arguments",
     "class_names_from_id2label",
     "get_benchmark",
     "parse_class_ids",
-    "parse_class_names",
     "read_class_names_file",
 ]
-
-
-def _template_problem(template) -> str | None:
-    """Why `template` is not a prompt template with exactly one `{}` slot and no other replacement field, or None."""
-    if not isinstance(template, str):
-        return f"is of type {type(template).__name__}, not a string"
-    try:
-        parsed = list(Formatter().parse(template))
-    except ValueError as error:  # an unmatched brace
-        return f"is not a valid format string ({error}; write a literal brace as '{{{{' or '}}}}')"
-    fields = [(name, conversion, spec) for _, name, spec, conversion in parsed if name is not None]
-    slots = [field for field in fields if field == ("", None, "")]
-    others = [
-        "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-        for name, conversion, spec in fields
-        if (name, conversion, spec) != ("", None, "")
-    ]
-    if others:
-        return f"has replacement field(s) {', '.join(others)}; only one '{{}}' for the class name is allowed"
-    if len(slots) != 1:
-        return f"has {len(slots)} '{{}}' slots; it needs exactly one, for the class name"
-    return None
-
-
-def check_templates(templates: str | Sequence[str], field: str = "templates") -> tuple[str, ...]:
-    """
-    The prompt templates as a tuple. Raises a `ValueError` naming `field` and the template unless there is at least
-    one template and each holds exactly one `{}` slot for the class name and no other replacement field (`"a photo"`,
-    `"a {} and {}"` and `"a {} of {kind}"` are refused; a literal brace is written `{{` / `}}`).
-    """
-    if templates is None or (not isinstance(templates, str) and not isinstance(templates, Sequence)):
-        raise ValueError(f"`{field}` must be a template string or a list of them, got {templates!r}.")
-    templates = (templates,) if isinstance(templates, str) else tuple(templates)
-    if not templates:
-        raise ValueError(f"`{field}` needs at least one prompt template with one '{{}}' slot for the class name.")
-    for template in templates:
-        problem = _template_problem(template)
-        if problem is not None:
-            raise ValueError(f"`{field}`: the template {template!r} {problem}.")
-    return templates
-
-
-def check_class_names(class_names: Sequence[str], field: str = "class names") -> tuple[str, ...]:
-    """
-    The class names as a tuple. Raises a `ValueError` naming `field` and the offending names unless there is at least
-    one name and every name is a non-blank string that no other class uses (a repeated name would give two classes
-    one `label2id` entry).
-    """
-    if isinstance(class_names, str) or not isinstance(class_names, Sequence):
-        raise ValueError(f"`{field}` must be a list of class names, got {class_names!r}.")
-    class_names = tuple(class_names)
-    if not class_names:
-        raise ValueError(f"`{field}` must name at least one class.")
-    not_strings = [name for name in class_names if not isinstance(name, str)]
-    if not_strings:
-        raise ValueError(f"`{field}` must hold strings; got {not_strings[:10]}.")
-    blank = [index for index, name in enumerate(class_names) if not name.strip()]
-    if blank:
-        raise ValueError(f"`{field}`: the class(es) at position(s) {blank[:10]} have an empty name.")
-    repeated = sorted({name for name in class_names if class_names.count(name) > 1})
-    if repeated:
-        raise ValueError(f"`{field}` must not repeat a class name; repeated: {repeated[:10]}.")
-    return class_names
 
 
 @dataclass(frozen=True)
@@ -228,10 +163,6 @@ COCO_STUFF_TEMPLATES = (
     "This is one {} in the scene.",
 )
 
-VOC_CLASS_NAMES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
 
 # mmsegmentation's VOC colours without the background one (black).
 VOC_PALETTE = (
@@ -426,11 +357,6 @@ def benchmark_of_class_names(class_names: Sequence[str]) -> Benchmark | None:
     """The known benchmark whose class list is exactly `class_names` (same names, same order), or `None`."""
     names = tuple(class_names)
     return next((benchmark for benchmark in BENCHMARKS.values() if benchmark.class_names == names), None)
-
-
-def parse_class_names(text: str, field: str = "--class_names") -> tuple[str, ...]:
-    """Comma-separated class names in label-id order (spaces around each name are dropped), checked."""
-    return check_class_names([name.strip() for name in text.split(",")], field=field)
 
 
 def read_class_names_file(path: str | Path) -> tuple[str, ...]:

@@ -6,28 +6,24 @@ import math
 import numbers
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from string import Formatter
 
 from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.utils import logging
 
-from .class_sets import check_class_names, check_templates, get_benchmark
 
 
 logger = logging.get_logger(__name__)
 
 SETTINGS = ("inductive", "transductive", "fully")
 
-# Loss weights (mask, dice, recovery) and prompt counts of the reference's six recipes (SPEC §4 and §1).
-_PRESET_RECIPES = {
-    ("voc", "inductive"): {"num_prompt_tokens": 10, "loss_weights": (100.0, 1.0, 2.0)},
-    ("voc", "transductive"): {"num_prompt_tokens": 10, "loss_weights": (100.0, 1.0, 2.0)},
-    ("voc", "fully"): {"num_prompt_tokens": 10, "loss_weights": (100.0, 1.0, 0.0)},
-    ("coco-stuff", "inductive"): {"num_prompt_tokens": 100, "loss_weights": (200.0, 3.0, 50.0)},
-    ("coco-stuff", "transductive"): {"num_prompt_tokens": 100, "loss_weights": (200.0, 3.0, 50.0)},
-    ("coco-stuff", "fully"): {"num_prompt_tokens": 100, "loss_weights": (100.0, 1.5, 1.0)},
-}
-PRESETS = tuple(f"{benchmark}-{setting}" for benchmark, setting in _PRESET_RECIPES)
+# The defaults are the reference's PASCAL VOC recipe: its 20 classes, the last 5 unseen (SPEC §5).
+VOC_CLASS_NAMES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+VOC_SEEN_CLASS_IDS = tuple(range(15))
 
 # The reference subtracts 0.1 from the scores of the classes its head was trained on, except in the
 # transductive stage, which trains on every class and calibrates nothing.
@@ -202,11 +198,10 @@ class CLIPRCConfig(PreTrainedConfig):
             if isinstance(getattr(self, name), Mapping):
                 _check_tower_sizes(name, getattr(self, name))
         if self.id2label is None and kwargs.get("num_labels") is None:
-            voc = get_benchmark("voc")
-            self.id2label = dict(enumerate(voc.class_names))
-            self.benchmark = self.benchmark or voc.name
+            self.id2label = dict(enumerate(VOC_CLASS_NAMES))
+            self.benchmark = self.benchmark or "voc"
             if self.seen_class_ids is None:
-                self.seen_class_ids = list(voc.seen_class_ids)
+                self.seen_class_ids = list(VOC_SEEN_CLASS_IDS)
         if self.prompt_templates is None:
             self.prompt_templates = ["a photo of a {}"]
         elif isinstance(self.prompt_templates, str):
@@ -332,33 +327,73 @@ class CLIPRCConfig(PreTrainedConfig):
     def patch_grid_size(self) -> int:
         return self.crop_size // self.vision_config.patch_size
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "CLIPRCConfig":
-        """
-        The configuration of one of the reference's six recipes, full size (CLIP ViT-B/16):
-        `voc-inductive`, `voc-transductive`, `voc-fully`, `coco-stuff-inductive`, `coco-stuff-transductive`,
-        `coco-stuff-fully`. Keyword arguments override any field (e.g. smaller towers for tests).
-        """
-        benchmark_name, _, setting = name.rpartition("-")
-        recipe = _PRESET_RECIPES.get((benchmark_name, setting))
-        if recipe is None:
-            raise ValueError(f"Unknown preset {name!r}; allowed presets: {', '.join(PRESETS)}.")
-        benchmark = get_benchmark(benchmark_name)
-        mask_weight, dice_weight, recovery_weight = recipe["loss_weights"]
-        values = {
-            "id2label": dict(enumerate(benchmark.class_names)),
-            # Fully supervised models still report seen / unseen figures on the benchmark's zero-shot split.
-            "seen_class_ids": list(benchmark.seen_class_ids),
-            "setting": setting,
-            "benchmark": benchmark.name,
-            "num_prompt_tokens": recipe["num_prompt_tokens"],
-            "mask_loss_weight": mask_weight,
-            "dice_loss_weight": dice_weight,
-            "recovery_loss_weight": recovery_weight,
-            "prompt_templates": list(benchmark.templates),
-        }
-        values.update(overrides)
-        return cls(**values)
+
+def _template_problem(template) -> str | None:
+    """Why `template` is not a prompt template with exactly one `{}` slot and no other replacement field, or None."""
+    if not isinstance(template, str):
+        return f"is of type {type(template).__name__}, not a string"
+    try:
+        parsed = list(Formatter().parse(template))
+    except ValueError as error:  # an unmatched brace
+        return f"is not a valid format string ({error}; write a literal brace as '{{{{' or '}}}}')"
+    fields = [(name, conversion, spec) for _, name, spec, conversion in parsed if name is not None]
+    slots = [field for field in fields if field == ("", None, "")]
+    others = [
+        "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        for name, conversion, spec in fields
+        if (name, conversion, spec) != ("", None, "")
+    ]
+    if others:
+        return f"has replacement field(s) {', '.join(others)}; only one '{{}}' for the class name is allowed"
+    if len(slots) != 1:
+        return f"has {len(slots)} '{{}}' slots; it needs exactly one, for the class name"
+    return None
 
 
-__all__ = ["CLIPRCConfig", "PRESETS", "SETTINGS"]
+def check_templates(templates: str | Sequence[str], field: str = "templates") -> tuple[str, ...]:
+    """
+    The prompt templates as a tuple. Raises a `ValueError` naming `field` and the template unless there is at least
+    one template and each holds exactly one `{}` slot for the class name and no other replacement field (`"a photo"`,
+    `"a {} and {}"` and `"a {} of {kind}"` are refused; a literal brace is written `{{` / `}}`).
+    """
+    if templates is None or (not isinstance(templates, str) and not isinstance(templates, Sequence)):
+        raise ValueError(f"`{field}` must be a template string or a list of them, got {templates!r}.")
+    templates = (templates,) if isinstance(templates, str) else tuple(templates)
+    if not templates:
+        raise ValueError(f"`{field}` needs at least one prompt template with one '{{}}' slot for the class name.")
+    for template in templates:
+        problem = _template_problem(template)
+        if problem is not None:
+            raise ValueError(f"`{field}`: the template {template!r} {problem}.")
+    return templates
+
+
+def check_class_names(class_names: Sequence[str], field: str = "class names") -> tuple[str, ...]:
+    """
+    The class names as a tuple. Raises a `ValueError` naming `field` and the offending names unless there is at least
+    one name and every name is a non-blank string that no other class uses (a repeated name would give two classes
+    one `label2id` entry).
+    """
+    if isinstance(class_names, str) or not isinstance(class_names, Sequence):
+        raise ValueError(f"`{field}` must be a list of class names, got {class_names!r}.")
+    class_names = tuple(class_names)
+    if not class_names:
+        raise ValueError(f"`{field}` must name at least one class.")
+    not_strings = [name for name in class_names if not isinstance(name, str)]
+    if not_strings:
+        raise ValueError(f"`{field}` must hold strings; got {not_strings[:10]}.")
+    blank = [index for index, name in enumerate(class_names) if not name.strip()]
+    if blank:
+        raise ValueError(f"`{field}`: the class(es) at position(s) {blank[:10]} have an empty name.")
+    repeated = sorted({name for name in class_names if class_names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"`{field}` must not repeat a class name; repeated: {repeated[:10]}.")
+    return class_names
+
+
+def parse_class_names(text: str, field: str = "--class_names") -> tuple[str, ...]:
+    """Comma-separated class names in label-id order (spaces around each name are dropped), checked."""
+    return check_class_names([name.strip() for name in text.split(",")], field=field)
+
+
+__all__ = ["CLIPRCConfig", "SETTINGS", "VOC_CLASS_NAMES", "check_class_names", "check_templates", "parse_class_names"]

@@ -25,7 +25,6 @@ from transformers import AutoTokenizer
 from transformers.exporters import ExportedModel
 from transformers.exporters.base import EXPORT_MANIFEST_FILE
 
-from .commands.export import CLASS_EMBEDDINGS_FILE, EXPORT_FORMATS, SEGMENTATION_COMPONENT, TEXT_COMPONENT, image_size_multiple
 from .image_processing_clip_rc import CLIPRCImageProcessor
 from .modeling_clip_rc import CLIPRCSemanticSegmenterOutput
 
@@ -41,6 +40,18 @@ def export_format_of(export_dir: str | os.PathLike) -> str:
             f"{export_dir} is not an exported model: it has no {EXPORT_MANIFEST_FILE} (write one with clip-rc-export)."
         )
     return json.loads(manifest.read_text(encoding="utf-8"))["export_format"]
+
+# The export's formats (command-line name -> transformers exporter), component names and files.
+EXPORT_FORMATS = {"torch": "dynamo", "onnx": "onnx"}
+SEGMENTATION_COMPONENT = "model"
+TEXT_COMPONENT = "text_model"
+CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
+
+
+def image_size_multiple(config) -> int:
+    """Heights and widths the model takes are multiples of this: whole patches in every region cell."""
+    return config.vision_config.patch_size * config.region_grid_size
+
 
 
 class CLIPRCExportedTextTower:

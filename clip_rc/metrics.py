@@ -186,35 +186,6 @@ class SegmentationMetric:
         self.total_area_pred_label += area_pred_label
         self.total_area_label += area_label
 
-    def _check_compatible(self, num_labels: int, ignore_index: int, source: str) -> None:
-        if (num_labels, ignore_index) != (self.num_labels, self.ignore_index):
-            raise ValueError(
-                f"Cannot combine {source} with num_labels={num_labels}, ignore_index={ignore_index} into a metric "
-                f"with num_labels={self.num_labels}, ignore_index={self.ignore_index}."
-            )
-
-    def merge(self, other: SegmentationMetric) -> SegmentationMetric:
-        """Add the totals of `other` (e.g. another shard of the evaluation set) to this metric; returns `self`."""
-        self._check_compatible(other.num_labels, other.ignore_index, "a metric")
-        for key in _TOTAL_KEYS:
-            getattr(self, key).add_(getattr(other, key).to(self.device))
-        return self
-
-    def state_dict(self) -> dict[str, Any]:
-        """Totals (int64 CPU tensors) plus `num_labels` / `ignore_index`, ready for `torch.save`."""
-        state = {"num_labels": self.num_labels, "ignore_index": self.ignore_index}
-        state.update({key: getattr(self, key).detach().cpu().clone() for key in _TOTAL_KEYS})
-        return state
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Replace the totals by those of a [`~SegmentationMetric.state_dict`]."""
-        self._check_compatible(state_dict["num_labels"], state_dict["ignore_index"], "a state_dict")
-        for key in _TOTAL_KEYS:
-            total = torch.as_tensor(state_dict[key], dtype=torch.int64, device=self.device)
-            if total.shape != (self.num_labels,):
-                raise ValueError(f"{key} has shape {tuple(total.shape)}, expected ({self.num_labels},).")
-            setattr(self, key, total.clone())
-
     def reduce(self) -> SegmentationMetric:
         """
         Copy of this metric whose totals are summed over all processes, with `torch.distributed.all_reduce`.
@@ -285,10 +256,6 @@ class SegmentationMetric:
             "seen_class_ids": list(self.seen_class_ids),
             "unseen_class_ids": list(self.unseen_class_ids),
         }
-
-    def format_table(self, results: Mapping[str, Any]) -> str:
-        """[`format_results_table`] of `results` (from [`~SegmentationMetric.compute`]) with this metric's names."""
-        return format_results_table(results, self.class_names)
 
 
 def format_results_table(results: Mapping[str, Any], class_names: Sequence[str] | None = None) -> str:

@@ -27,8 +27,7 @@ from transformers.utils import logging
 from transformers.utils.generic import TransformersKwargs, can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .class_sets import check_class_names
-from .configuration_clip_rc import CLIPRCConfig
+from .configuration_clip_rc import CLIPRCConfig, check_class_names
 
 
 logger = logging.get_logger(__name__)

@@ -34,7 +34,7 @@ from transformers.image_utils import load_image
 from transformers.pipelines.base import Pipeline
 from transformers.utils import logging, requires_backends
 
-from .class_sets import check_class_names, check_templates
+from .configuration_clip_rc import check_class_names, check_templates, parse_class_names
 from .image_processing_clip_rc import CLIPRCImageProcessor
 from .processing_clip_rc import CLIPRCProcessor
 
@@ -52,10 +52,8 @@ def is_clip_rc_model(model: Any) -> bool:
 def as_label_list(candidate_labels: str | list[str]) -> list[str]:
     """Candidate labels as a checked list; a string is split at commas."""
     if isinstance(candidate_labels, str):
-        candidate_labels = [label.strip() for label in candidate_labels.split(",")]
-    labels = list(candidate_labels)
-    check_class_names(labels)
-    return labels
+        return list(parse_class_names(candidate_labels, field="candidate_labels"))
+    return list(check_class_names(list(candidate_labels), field="candidate_labels"))
 
 
 class CLIPRCSegmentationPipeline(Pipeline):

@@ -14,7 +14,7 @@ from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import TensorType
 
-from .class_sets import check_class_names, check_templates
+from .configuration_clip_rc import check_class_names, check_templates
 from .image_processing_clip_rc import CLIPRCImageProcessorKwargs
 
 

@@ -6,7 +6,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import torch
 
 
 __all__ = [
+    "atomic_output_dir",
     "atomic_path",
     "check_model_folder",
     "json_ready",
@@ -188,3 +191,44 @@ def missing_weights(folder: str | os.PathLike, model: torch.nn.Module) -> list[s
         with safe_open(str(weight_file), framework="pt") as handle:
             stored.update(handle.keys())
     return sorted(set(model.state_dict()) - stored)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(target: str | os.PathLike, replace_other_files: bool = False):
+    """
+    Yield a fresh temporary sibling of `target` to write into; on success it replaces `target` (an existing folder
+    is swapped out and removed only after the new one is in place); on failure it is deleted and `target` is left
+    untouched. An existing folder holding files the new one does not (a user's files, another model's) is not
+    replaced unless `replace_other_files` (the user asked to overwrite it): that is an error listing them.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    temporary = target.with_name(f".{target.name}.partial-{token}")
+    temporary.mkdir()
+    try:
+        yield temporary
+        if target.exists() and not replace_other_files:
+            extra = sorted({entry.name for entry in target.iterdir()} - {entry.name for entry in temporary.iterdir()})
+            if extra:
+                raise FileExistsError(
+                    f"{target} already holds files this run does not write ({', '.join(extra[:10])}); replacing "
+                    "the folder would delete them. Move them away or choose another output folder."
+                )
+        backup = None
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old-{token}")
+            os.rename(target, backup)
+        try:
+            os.rename(temporary, target)
+        except OSError:
+            if backup is not None:
+                os.rename(backup, target)
+            raise
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary, ignore_errors=True)

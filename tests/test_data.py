@@ -11,6 +11,7 @@ from transformers.utils import logging
 from clip_rc import CLIPRCImageProcessor
 from clip_rc.data.transforms import _hsv_to_rgb_uint8, _rgb_to_hsv_uint8
 from clip_rc.data import (
+    AugmentedTrainSamples,
     REFERENCE_IMAGE_MEAN,
     REFERENCE_IMAGE_STD,
     SegmentationDecoder,
@@ -20,7 +21,6 @@ from clip_rc.data import (
     load_segmentation_dataset,
     photometric_distortion,
     random_crop_box,
-    with_segmentation_transform,
 )
 
 
@@ -466,9 +466,10 @@ def _denormalise(pixel_values: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("seed", range(6))
 def test_train_transform_keeps_labels_aligned_with_the_image(seed):
     image, label = colour_coded_sample()
-    transform = SegmentationTrainTransform(photometric=False, seed=seed)
-    output = transform({"image": [PIL.Image.fromarray(image)], "label": [PIL.Image.fromarray(label)]})
-    pixel_values, labels = output["pixel_values"][0], output["labels"][0]
+    transform = SegmentationTrainTransform(photometric=False)
+    pixel_values, labels = transform.augment(
+        PIL.Image.fromarray(image), PIL.Image.fromarray(label), np.random.default_rng(seed)
+    )
     assert pixel_values.shape == (3, 512, 512) and pixel_values.dtype == torch.float32
     assert labels.shape == (512, 512) and labels.dtype == torch.int64
     assert set(labels.unique().tolist()) <= {0, 1, 2, 3, 4, 255}
@@ -541,27 +542,22 @@ def test_random_crop_prefers_crops_below_the_class_ratio():
 
 def test_train_transform_is_seeded():
     image, label = colour_coded_sample()
-    batch = {"image": [image, image], "label": [label, label]}
-    first = SegmentationTrainTransform(seed=7)(batch)
-    second = SegmentationTrainTransform(seed=7)(batch)
-    other = SegmentationTrainTransform(seed=8)(batch)
-    for key in ("pixel_values", "labels"):
-        for a, b in zip(first[key], second[key]):
-            assert torch.equal(a, b)
-    assert not all(torch.equal(a, b) for a, b in zip(first["pixel_values"], other["pixel_values"]))
-    # Two samples of one batch get different augmentations.
-    assert not torch.equal(first["pixel_values"][0], first["pixel_values"][1])
-    # A Generator seed works too and consumes its stream.
-    generator_run = SegmentationTrainTransform(seed=np.random.default_rng(7))(batch)
-    assert all(torch.equal(a, b) for a, b in zip(generator_run["labels"], first["labels"]))
+    transform = SegmentationTrainTransform()
+    first = transform.augment(image, label, np.random.default_rng(7))
+    second = transform.augment(image, label, np.random.default_rng(7))
+    other = transform.augment(image, label, np.random.default_rng(8))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not torch.equal(first[0], other[0])
+    # Two draws from one generator give different augmentations.
+    stream = np.random.default_rng(7)
+    assert not torch.equal(transform.augment(image, label, stream)[0], transform.augment(image, label, stream)[0])
 
 
 def test_photometric_distortion_does_not_change_the_geometry():
     image, label = colour_coded_sample()
-    batch = {"image": [image], "label": [label]}
-    plain = SegmentationTrainTransform(photometric=False, seed=3)(batch)
-    distorted = SegmentationTrainTransform(photometric=True, seed=3)(batch)
-    assert torch.equal(plain["labels"][0], distorted["labels"][0])
+    plain = SegmentationTrainTransform(photometric=False).augment(image, label, np.random.default_rng(3))
+    distorted = SegmentationTrainTransform(photometric=True).augment(image, label, np.random.default_rng(3))
+    assert torch.equal(plain[1], distorted[1])
 
 
 class ScriptedGenerator:
@@ -630,44 +626,22 @@ def test_image_processor_test_time_resize_normalisation_and_collate():
     assert stacked["pixel_values"].shape == (2, 3, 512, 768) and stacked["labels"].shape == (2, 30, 45)
 
 
-def test_with_segmentation_transform_keeps_the_decoder(tmp_path):
+def test_augmented_samples_are_decoded_and_reproducible_in_dataloader_workers(tmp_path):
     make_voc_tree(tmp_path)
-    dataset = load_segmentation_dataset(tmp_path / "VOCdevkit")
-    train = with_segmentation_transform(dataset, SegmentationTrainTransform(crop_size=32, scale=(128, 32), seed=0))
-    sample = train["train"][0]
+    dataset = load_segmentation_dataset(tmp_path / "VOCdevkit", splits="train")["train"]
+    samples = AugmentedTrainSamples(dataset, SegmentationTrainTransform(crop_size=32, scale=(128, 32)), seed=0)
+    sample = samples[(0, 0, 0)]
     assert sample["pixel_values"].shape == (3, 32, 32)
     # Decoded and remapped VOC ids (t1 holds 255, 0 and 14), never raw ids such as 15.
     assert set(sample["labels"].unique().tolist()) <= {0, 14, 255}
 
-    image_processor = CLIPRCImageProcessor(size={"shortest_edge": 64}, do_sliding_window=False)
-
-    def evaluation_transform(batch):
-        pixel_values = image_processor(images=batch["image"], return_tensors="pt")["pixel_values"]
-        labels = [torch.from_numpy(np.asarray(label, dtype=np.int64)) for label in batch["label"]]
-        return {"pixel_values": list(pixel_values), "labels": labels}
-
-    evaluation = with_segmentation_transform(dataset["val"], evaluation_transform)
-    sample = evaluation[0]
-    assert sample["pixel_values"].shape == (3, 64, 85) and sample["labels"].shape == (30, 40)
-    assert set(sample["labels"].unique().tolist()) == {1, 15, 255}
-
-
-def test_dataloader_with_workers_is_reproducible(tmp_path):
-    make_voc_tree(tmp_path)
-    dataset = load_segmentation_dataset(tmp_path / "VOCdevkit", splits="train")["train"]
-
-    def run(torch_seed):
-        transform = SegmentationTrainTransform(crop_size=24, scale=(96, 24), seed=5)
-        loader = torch.utils.data.DataLoader(
-            with_segmentation_transform(dataset, transform),
-            batch_size=2,
-            num_workers=2,
-            collate_fn=collate_fn,
-            generator=torch.Generator().manual_seed(torch_seed),
-        )
+    def run(seed):
+        samples = AugmentedTrainSamples(dataset, SegmentationTrainTransform(crop_size=24, scale=(96, 24)), seed=seed)
+        keys = [(index, 0, index) for index in range(len(dataset))]
+        loader = torch.utils.data.DataLoader(samples, sampler=keys, batch_size=2, num_workers=2, collate_fn=collate_fn)
         return [batch["pixel_values"] for batch in loader]
 
-    first, second, reseeded = run(0), run(0), run(1)
-    assert len(first) == 2 and first[0].shape == (2, 3, 24, 24)
+    first, second, reseeded = run(5), run(5), run(6)
+    assert len(first) >= 2 and first[0].shape == (2, 3, 24, 24)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert not all(torch.equal(a, b) for a, b in zip(first, reseeded))

@@ -20,7 +20,8 @@ from PIL import Image
 from clip_rc import CLIPRCForSemanticSegmentation
 from clip_rc.class_sets import get_benchmark
 from clip_rc.data import REFERENCE_IMAGE_MEAN, REFERENCE_IMAGE_STD, load_segmentation_dataset
-from clip_rc.commands.evaluate import METRIC_KEYS, evaluate_model, main, resolve_classes
+from clip_rc.commands.evaluate import main
+from clip_rc.evaluation import METRIC_KEYS, evaluate_model, resolve_classes
 from clip_rc.image_processing_clip_rc import CLIPRCImageProcessor, get_rescaled_size, resize_image_array
 from clip_rc.metrics import SegmentationMetric
 from clip_rc.processing_clip_rc import CLIPRCProcessor

@@ -131,7 +131,7 @@ def test_a_folder_holding_other_files_is_never_replaced(tmp_path, capsys):
     (output / "notes.md").write_text("my notes")
     argv = ["--checkpoint", checkpoint, "--config", str(tmp_path / "config"), "--output_dir", str(output)]
     assert main(argv) == 1
-    assert "already holds files this conversion does not write (notes.md)" in capsys.readouterr().err
+    assert "already holds files this run does not write (notes.md)" in capsys.readouterr().err
     assert sorted(path.name for path in output.iterdir()) == ["notes.md"]
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".models")]
     # A folder of an earlier conversion (the same files) is replaced.

@@ -16,6 +16,7 @@ from clip_rc.image_processing_clip_rc import CLIPRCImageProcessor, sliding_windo
 from clip_rc.modeling_clip_rc import build_region_attention_mask, resize_position_table
 
 from .conftest import TINY_TEXT, TINY_VISION, tiny_config, tiny_model, without_dropout
+from clip_rc.presets import preset_config
 
 
 def random_batch(batch_size=2, size=64, num_classes=3, seed=0):
@@ -490,7 +491,7 @@ def test_region_grid_error_names_allowed_values():
 
 
 def test_presets_follow_the_reference_recipes():
-    voc = CLIPRCConfig.from_preset("voc-inductive")
+    voc = preset_config("voc-inductive")
     assert voc.num_labels == 20 and voc.unseen_class_ids == [15, 16, 17, 18, 19]
     assert voc.id2label[15] == "pottedplant" and voc.id2label[19] == "tvmonitor"
     assert (voc.mask_loss_weight, voc.dice_loss_weight, voc.recovery_loss_weight) == (100, 1, 2)
@@ -498,21 +499,21 @@ def test_presets_follow_the_reference_recipes():
     assert voc.vision_config.patch_size == 16 and voc.vision_config.hidden_size == 768
     assert voc.seen_score_bias == 0.1 and voc.crop_size == 512 and voc.sliding_window_stride == 426
 
-    assert CLIPRCConfig.from_preset("voc-fully").recovery_loss_weight == 0
-    assert CLIPRCConfig.from_preset("voc-transductive").seen_score_bias == 0.0
-    coco = CLIPRCConfig.from_preset("coco-stuff-inductive")
+    assert preset_config("voc-fully").recovery_loss_weight == 0
+    assert preset_config("voc-transductive").seen_score_bias == 0.0
+    coco = preset_config("coco-stuff-inductive")
     assert coco.num_labels == 171 and coco.num_prompt_tokens == 100 and len(coco.prompt_templates) == 15
     assert coco.unseen_class_ids == [19, 23, 28, 29, 36, 51, 76, 88, 94, 112, 133, 136, 137, 157, 160]
     assert (coco.mask_loss_weight, coco.dice_loss_weight, coco.recovery_loss_weight) == (200, 3, 50)
-    coco_fully = CLIPRCConfig.from_preset("coco-stuff-fully")
+    coco_fully = preset_config("coco-stuff-fully")
     assert (coco_fully.mask_loss_weight, coco_fully.dice_loss_weight, coco_fully.recovery_loss_weight) == (100, 1.5, 1)
     assert coco_fully.trained_class_ids == list(range(171))
     with pytest.raises(ValueError, match="voc-inductive"):
-        CLIPRCConfig.from_preset("ade-inductive")
+        preset_config("ade-inductive")
 
 
 def test_full_size_preset_builds_the_reference_shapes():
-    config = CLIPRCConfig.from_preset("voc-inductive")
+    config = preset_config("voc-inductive")
     with torch.device("meta"):
         model = CLIPRCForSemanticSegmentation(config)
     assert model.clip_rc.vision_model.embeddings.position_embedding.weight.shape == (1025, 768)

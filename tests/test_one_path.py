@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForSemanticSegmentation, AutoProcessor
 
-from clip_rc.commands.evaluate import evaluate_model
+from clip_rc.evaluation import evaluate_model
 from clip_rc.inference import segment_images
 from clip_rc.pipelines import CLIPRCSegmentationPipeline, CLIPRCZeroShotSegmentationPipeline
 from clip_rc.commands.predict import main as predict_main

@@ -36,6 +36,7 @@ from clip_rc.commands.train import (
 from .conftest import tiny_config, tiny_model
 from .synthetic import make_segmentation_dataset
 from .tiny_clip import save_tiny_clip
+from clip_rc.presets import preset_config
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     ],
 )
 def test_presets_set_the_reference_schedule(preset, steps, total_batch):
-    config = CLIPRCConfig.from_preset(preset)
+    config = preset_config(preset)
     training_args = TrainingArguments(output_dir="unused")
     for num_processes in (1, 2):
         plan = _resolve_plan(ModelArguments(preset=preset), training_args, config, num_processes)
@@ -138,7 +139,7 @@ def test_presets_set_the_reference_schedule(preset, steps, total_batch):
 
 
 def test_loss_weights_and_setting_come_from_the_preset():
-    weights = {name: CLIPRCConfig.from_preset(name) for name in PRESETS}
+    weights = {name: preset_config(name) for name in PRESETS}
     assert [weights["voc-inductive"].mask_loss_weight, weights["voc-inductive"].dice_loss_weight,
             weights["voc-inductive"].recovery_loss_weight] == [100, 1, 2]
     assert weights["voc-fully"].recovery_loss_weight == 0

@@ -46,12 +46,9 @@ import math
 import os
 import pickle
 import re
-import shutil
 import sys
-import uuid
 import zipfile
 from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,14 +56,24 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 from transformers.utils import logging
 
-from ..configuration_clip_rc import PRESETS, CLIPRCConfig
+from ..configuration_clip_rc import CLIPRCConfig
+from ..presets import PRESETS
 from ..image_processing_clip_rc import CLIPRCImageProcessor
 from ..modeling_clip_rc import CLIPRCForSemanticSegmentation
 from ..processing_clip_rc import CLIPRCProcessor
-from ..utils import check_model_folder, load_clip_rc_config, missing_weights, non_finite_tensors
+from ..utils import (
+    atomic_output_dir,
+    atomic_path,
+    check_model_folder,
+    load_clip_rc_config,
+    missing_weights,
+    non_finite_tensors,
+    setup_logging,
+)
+from ..presets import preset_config
 
 
-logger = logging.get_logger(f"{__package__ or 'clip_rc'}.convert_original")  # also when run as __main__
+logger = logging.get_logger("clip_rc.commands.convert")  # also when run as __main__
 
 __all__ = [
     "CheckpointConversionError",
@@ -655,7 +662,7 @@ def _convert_original(
             preset = "voc-inductive"
         architecture = read_original_architecture(state, origin)
         config = _config_from_architecture(
-            architecture, CLIPRCConfig.from_preset(preset), vision_num_heads, text_num_heads, decoder_num_heads
+            architecture, preset_config(preset), vision_num_heads, text_num_heads, decoder_num_heads
         )
     elif any(value is not None for value in (preset, vision_num_heads, text_num_heads, decoder_num_heads)):
         raise ValueError("With an explicit `config`, do not also pass a preset or head counts.")
@@ -680,6 +687,14 @@ def _convert_original(
     summary.num_tensors = len(state)
     summary.dropped = dropped
 
+    summary.class_embeddings = _set_class_embeddings(model, class_embeddings, tokenizer, origin)
+    return model, summary
+
+
+def _set_class_embeddings(model, class_embeddings, tokenizer, origin: str) -> str:
+    """Persist the converted model's class embeddings: the given ones, or its text tower's for its class names (the
+    reference keeps them outside the checkpoint); returns where they came from."""
+    config = model.config
     if class_embeddings is not None:
         embeddings = _read_class_embeddings(class_embeddings).detach().float()
         source = "the given" if isinstance(class_embeddings, torch.Tensor) else f"the file {class_embeddings} of"
@@ -693,21 +708,17 @@ def _convert_original(
                 "The given class embeddings are not unit length: stored normalised (the reference would use them "
                 "as they are)."
             )
-        summary.class_embeddings = "from the given embeddings"
-    elif tokenizer is not None:
+        return "from the given embeddings"
+    if tokenizer is not None:
         processor = CLIPRCProcessor(CLIPRCImageProcessor.from_model_config(config), tokenizer)
         prompts = processor.tokenize_class_names(config.class_names, config.prompt_templates, return_tensors="pt")
         model.set_class_embeddings(model.clip_rc.encode_class_prompts(prompts["input_ids"], prompts["attention_mask"]))
-        summary.class_embeddings = (
-            f"computed with the converted text tower ({config.num_labels} classes x "
-            f"{len(config.prompt_templates)} templates)"
-        )
-    else:
-        logger.warning(
-            "No tokenizer given: the class embeddings of %s are not set (the reference keeps them outside the "
-            "checkpoint). Call model.set_class_embeddings(...) or pass text_embeds / input_ids at run time.", origin,
-        )
-    return model, summary
+        return f"computed with the converted text tower ({config.num_labels} classes x {len(config.prompt_templates)} templates)"
+    logger.warning(
+        "No tokenizer given: the class embeddings of %s are not set (the reference keeps them outside the "
+        "checkpoint). Call model.set_class_embeddings(...) or pass text_embeds / input_ids at run time.", origin,
+    )
+    return "not set"
 
 
 def _read_class_embeddings(source) -> torch.Tensor:
@@ -759,6 +770,12 @@ def to_original_state_dict(
     return original
 
 
+def _write_atomic(path: Path, write) -> None:
+    """`write(handle)` into a binary file that replaces `path` only once complete (see `atomic_path`)."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        write(handle)
+
+
 def save_original_checkpoint(
     model: CLIPRCForSemanticSegmentation, path: str | os.PathLike, include_unused_weights: bool = True
 ) -> list[Path]:
@@ -780,26 +797,15 @@ def save_original_checkpoint(
     checkpoint = {"state_dict": to_original_state_dict(model, include_unused_weights), "meta": meta}
     path.parent.mkdir(parents=True, exist_ok=True)
     written = [path]
-    _atomic_write(path, lambda target: torch.save(checkpoint, target))
+    _write_atomic(path, lambda handle: torch.save(checkpoint, handle))
     embeddings = model.class_embeddings.detach().float().cpu()
     if bool(embeddings.abs().sum() > 0):
         import numpy as np
 
         npy_path = path.with_name(path.stem + "_text_embedding.npy")
-        _atomic_write(npy_path, lambda target: np.save(target, embeddings.numpy(), allow_pickle=False), ".npy")
+        _write_atomic(npy_path, lambda handle: np.save(handle, embeddings.numpy(), allow_pickle=False))
         written.append(npy_path)
     return written
-
-
-def _atomic_write(path: Path, write, suffix: str = "") -> None:
-    temporary = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}{suffix}")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 # ---- TorchScript archives, tensors only -----------------------------------------------------------------------------
@@ -1031,47 +1037,6 @@ def _openai_heads(width: int, tower: str, origin: str) -> int:
 # ---- writing a model folder ----------------------------------------------------------------------------------------
 
 
-@contextmanager
-def atomic_output_dir(target: str | os.PathLike, replace_other_files: bool = False):
-    """
-    Yield a fresh temporary sibling of `target` to write into; on success it replaces `target` (an existing folder
-    is swapped out and removed only after the new one is in place); on failure it is deleted and `target` is left
-    untouched. An existing folder holding files the new one does not (a user's files, another model's) is not
-    replaced unless `replace_other_files` (the user asked to overwrite it): that is an error listing them.
-    """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    temporary = target.with_name(f".{target.name}.partial-{token}")
-    temporary.mkdir()
-    try:
-        yield temporary
-        if target.exists() and not replace_other_files:
-            extra = sorted({entry.name for entry in target.iterdir()} - {entry.name for entry in temporary.iterdir()})
-            if extra:
-                raise FileExistsError(
-                    f"{target} already holds files this conversion does not write ({_listing(extra, 10)}); replacing "
-                    "the folder would delete them. Move them away or choose another output folder."
-                )
-        backup = None
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old-{token}")
-            os.rename(target, backup)
-        try:
-            os.rename(temporary, target)
-        except OSError:
-            if backup is not None:
-                os.rename(backup, target)
-            raise
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)
-
-
 def save_converted(model: CLIPRCForSemanticSegmentation, output_dir, tokenizer=None) -> Path:
     """Write `model` (safetensors, config, code for trust_remote_code) and its processor (the image processor of its
     config, with the tokenizer when given), atomically."""
@@ -1126,34 +1091,10 @@ def _load_tokenizer(path):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def _enable_cli_logging() -> None:
-    """Show this package's info messages (e.g. how many unused tensors were dropped) on stderr."""
-    import logging as std_logging
-
-    package_logger = std_logging.getLogger(__package__ or "clip_rc")
-    package_logger.setLevel(std_logging.INFO)
-    if not package_logger.handlers:
-
-        class _StderrHandler(std_logging.StreamHandler):
-            """Writes to the current `sys.stderr` (which may be replaced after the handler is made)."""
-
-            @property
-            def stream(self):
-                return sys.stderr
-
-            @stream.setter
-            def stream(self, value):
-                pass
-
-        handler = _StderrHandler()
-        handler.setFormatter(std_logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        package_logger.addHandler(handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     """`clip-rc-convert`: see `--help`. Returns the exit status (0 on success)."""
     args = _build_parser().parse_args(argv)
-    _enable_cli_logging()
+    setup_logging()
     try:
         if args.to_original:
             return _main_to_original(args)

@@ -39,11 +39,17 @@ from transformers.exporters import AutoHfExporter, DynamoConfig, ExportedModel, 
 from transformers.utils import ModelOutput
 
 from ..configuration_clip_rc import CLIPRCConfig
-from .convert import atomic_output_dir
 from ..inference import load_model_and_processor
 from ..modeling_clip_rc import CLIPRCForSemanticSegmentation, CLIPRCModel
 from ..processing_clip_rc import CLIPRCProcessor
-from ..utils import setup_logging
+from ..exported_model import (
+    CLASS_EMBEDDINGS_FILE,
+    EXPORT_FORMATS,
+    SEGMENTATION_COMPONENT,
+    TEXT_COMPONENT,
+    image_size_multiple,
+)
+from ..utils import atomic_output_dir, setup_logging
 
 
 logger = logging.getLogger("clip_rc.commands.export")
@@ -64,10 +70,6 @@ __all__ = [
 ]
 
 # Command-line format names -> transformers' `ExportFormat` values.
-EXPORT_FORMATS = {"torch": "dynamo", "onnx": "onnx"}
-SEGMENTATION_COMPONENT = "model"
-TEXT_COMPONENT = "text_model"
-CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
 
 
 @dataclass
@@ -91,11 +93,6 @@ class CLIPRCTextEncoder(nn.Module):
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> CLIPRCTextEncoderOutput:
         """`input_ids` and `attention_mask` of shape `(C, T, L)`, as [`CLIPRCProcessor`] returns them."""
         return CLIPRCTextEncoderOutput(text_embeds=self.clip_rc.encode_class_prompts(input_ids, attention_mask))
-
-
-def image_size_multiple(config: CLIPRCConfig) -> int:
-    """Heights and widths the model takes are multiples of this: whole patches in every region cell."""
-    return config.vision_config.patch_size * config.region_grid_size
 
 
 def segmentation_dynamic_shapes(config: CLIPRCConfig) -> dict:

@@ -21,9 +21,11 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.utils import logging
 
-from ..configuration_clip_rc import PRESETS, CLIPRCConfig
+from ..configuration_clip_rc import CLIPRCConfig
+from ..presets import PRESETS
 from ..modeling_clip_rc import CLIPRCForSemanticSegmentation
 from ..utils import load_clip_rc_config, write_json_atomic
+from ..presets import preset_config
 
 
 logger = logging.get_logger("clip_rc.commands.flops")  # also when run as __main__
@@ -129,7 +131,7 @@ def _resolve_config(config_or_name) -> CLIPRCConfig:
         return config_or_name
     name = str(config_or_name)
     if name in PRESETS:
-        return CLIPRCConfig.from_preset(name)
+        return preset_config(name)
     if Path(name).exists():
         return load_clip_rc_config(name)
     raise ValueError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a config file or model folder.")

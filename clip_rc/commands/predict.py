@@ -33,7 +33,7 @@ import torch
 
 from ..exported_model import load_exported_model_and_processor
 from ..inference import encode_class_names, load_model_and_processor, segment_images
-from ..class_sets import check_class_names
+from ..configuration_clip_rc import parse_class_names
 from ..utils import atomic_path, setup_logging
 from ..visualization import class_palette, overlay_label_map, save_label_map
 
@@ -91,9 +91,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not 0.0 <= args.alpha <= 1.0:
         parser.error(f"--alpha must be in [0, 1], got {args.alpha}.")
     if args.classes is not None:
-        args.classes = [name.strip() for name in args.classes.split(",")]
         try:
-            check_class_names(args.classes)
+            args.classes = list(parse_class_names(args.classes, field="--classes"))
         except ValueError as error:
             parser.error(f"--classes: {error}")
     missing = [path for path in args.images if not os.path.isfile(path)]

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..configuration_clip_rc import CLIPRCConfig
 from ..image_processing_clip_rc import CLIPRCImageProcessor
 from ..modeling_clip_rc import CLIPRCForSemanticSegmentation
 from ..utils import setup_logging, write_json_atomic
+from ..presets import preset_config
 
 
 logger = logging.getLogger("clip_rc.commands.speed")
@@ -65,11 +65,11 @@ def build_model(preset: str, num_classes: int, tiny: bool) -> CLIPRCForSemanticS
             projection_dim=24, crop_size=64, sliding_window_stride=48, num_prompt_tokens=3, region_grid_size=2,
             decoder_hidden_size=24, decoder_num_attention_heads=4, decoder_intermediate_size=48,
         )
-    config = CLIPRCConfig.from_preset(preset, **overrides)
+    config = preset_config(preset, **overrides)
     if config.setting == "inductive":
         unseen = set(config.unseen_class_ids)
         # Keep the preset's proportion of seen classes for class counts other than the benchmark's.
-        fraction = len(unseen) / len(CLIPRCConfig.from_preset(preset).id2label)
+        fraction = len(unseen) / len(preset_config(preset).id2label)
         num_unseen = max(1, round(fraction * num_classes))
         config.seen_class_ids = list(range(num_classes - num_unseen))
     model = CLIPRCForSemanticSegmentation(config)

@@ -71,7 +71,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -84,9 +83,10 @@ from transformers import AutoTokenizer, HfArgumentParser
 from transformers.dynamic_module_utils import custom_object_save
 
 from .. import PRESETS, CLIPRCConfig, CLIPRCForSemanticSegmentation
-from ..class_sets import BENCHMARKS, ClassList, check_templates, class_list, class_names_from_arguments, get_benchmark
-from ..data import SegmentationTrainTransform, collate_fn, dataset_class_names, load_segmentation_dataset
-from .evaluate import evaluate_model
+from ..class_sets import BENCHMARKS, ClassList, class_list, class_names_from_arguments, get_benchmark
+from ..configuration_clip_rc import check_templates
+from ..data import AugmentedTrainSamples, SegmentationTrainTransform, collate_fn, dataset_class_names, load_segmentation_dataset
+from ..evaluation import evaluate_model
 from ..image_processing_clip_rc import CLIPRCImageProcessor
 from ..inference import encode_class_names
 from ..metrics import format_results_table
@@ -100,6 +100,16 @@ from ..utils import (
     setup_logging,
     write_json_atomic,
 )
+from ..presets import (
+    BASE_LEARNING_RATE,
+    LEARNING_RATE_MULTIPLIER,
+    RECIPES,
+    WARMUP_ITERATIONS,
+    WEIGHT_DECAY,
+    preset_config,
+    train_scale,
+    window_stride,
+)
 
 
 logger = get_logger("clip_rc.commands.train")  # also when run as __main__ (python -m clip_rc.commands.train)
@@ -107,11 +117,9 @@ logger = get_logger("clip_rc.commands.train")  # also when run as __main__ (pyth
 __all__ = [
     "DataArguments",
     "ModelArguments",
-    "PRESET_RECIPES",
     "PolyWarmupLR",
     "TrainingArguments",
     "TrainingDivergedError",
-    "evaluate_segmentation",
     "find_latest_checkpoint",
     "list_checkpoints",
     "main",
@@ -121,20 +129,6 @@ __all__ = [
     "train",
     "training_class_list",
 ]
-
-# ---------------------------------------------------------------------------------------------------------------
-# Recipes (SPEC §6): iterations and images per iteration (summed over the reference's 2 GPUs).
-# ---------------------------------------------------------------------------------------------------------------
-
-PRESET_RECIPES: dict[str, dict[str, int]] = {
-    "voc-inductive": {"max_steps": 40_000, "total_train_batch_size": 16},
-    "voc-transductive": {"max_steps": 20_000, "total_train_batch_size": 16},
-    "voc-fully": {"max_steps": 40_000, "total_train_batch_size": 16},
-    "coco-stuff-inductive": {"max_steps": 80_000, "total_train_batch_size": 4},
-    "coco-stuff-transductive": {"max_steps": 40_000, "total_train_batch_size": 4},
-    "coco-stuff-fully": {"max_steps": 80_000, "total_train_batch_size": 4},
-}
-assert set(PRESET_RECIPES) == set(PRESETS)
 
 # mmcv `paramwise_cfg.custom_keys` of every reference config: key -> (lr_mult, decay_mult).
 REFERENCE_CUSTOM_KEYS: dict[str, tuple[float, float]] = {
@@ -316,11 +310,11 @@ class TrainingArguments:
                   "gradient_accumulation_steps)."},
     )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Forward passes per optimiser update."})
-    learning_rate: float = field(default=2e-5, metadata={"help": "Base learning rate (the reference's lr)."})
+    learning_rate: float = field(default=BASE_LEARNING_RATE, metadata={"help": "Base learning rate (the reference's lr)."})
     lr_multiplier: float = field(
-        default=10.0, metadata={"help": "Multiplier of the backbone and head custom keys (reference: 10)."}
+        default=LEARNING_RATE_MULTIPLIER, metadata={"help": "Multiplier of the backbone and head custom keys (reference: 10)."}
     )
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    weight_decay: float = field(default=WEIGHT_DECAY, metadata={"help": "AdamW weight decay."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
@@ -406,24 +400,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def _parse_config_overrides(text: str | None) -> dict[str, Any]:
-    overrides = {}
-    if not text:
-        return overrides
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if "=" not in item:
-            raise ValueError(f"--config_overrides entries must be key=value, got {item!r}.")
-        key, value = (part.strip() for part in item.split("=", 1))
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Optimiser and schedule
 # ---------------------------------------------------------------------------------------------------------------
@@ -437,7 +413,7 @@ def reference_parameter_name(name: str) -> str:
     return name
 
 
-def reference_multipliers(name: str, lr_multiplier: float = 10.0) -> tuple[float, float]:
+def reference_multipliers(name: str, lr_multiplier: float = LEARNING_RATE_MULTIPLIER) -> tuple[float, float]:
     """mmcv `DefaultOptimizerConstructor` (custom keys): (lr_mult, decay_mult) of a parameter from its reference
     name; keys sorted alphabetically then longest first, the first key contained in the name wins."""
     custom_keys = dict(REFERENCE_CUSTOM_KEYS)
@@ -451,7 +427,8 @@ def reference_multipliers(name: str, lr_multiplier: float = 10.0) -> tuple[float
 
 
 def reference_parameter_groups(
-    model: torch.nn.Module, learning_rate: float = 2e-5, weight_decay: float = 0.01, lr_multiplier: float = 10.0
+    model: torch.nn.Module, learning_rate: float = BASE_LEARNING_RATE, weight_decay: float = WEIGHT_DECAY,
+    lr_multiplier: float = LEARNING_RATE_MULTIPLIER,
 ) -> list[dict[str, Any]]:
     """
     AdamW parameter groups of the trainable parameters with the reference's per-name multipliers (SPEC §6).
@@ -491,7 +468,7 @@ def reference_learning_rate(
     iteration: int,
     base_lr: float,
     total_steps: int,
-    warmup_steps: int = 1500,
+    warmup_steps: int = WARMUP_ITERATIONS,
     warmup_ratio: float = 1e-6,
     power: float = 0.9,
     min_lr: float = 1e-6,
@@ -519,7 +496,7 @@ class PolyWarmupLR(LRScheduler):
         self,
         optimizer: torch.optim.Optimizer,
         total_steps: int,
-        warmup_steps: int = 1500,
+        warmup_steps: int = WARMUP_ITERATIONS,
         warmup_ratio: float = 1e-6,
         power: float = 0.9,
         min_lr: float = 1e-6,
@@ -596,28 +573,6 @@ class InfiniteShardedBatchSampler(torch.utils.data.Sampler):
             yield batch
 
 
-class AugmentedTrainSamples(torch.utils.data.Dataset):
-    """
-    Training samples addressed by `(index, epoch, position)` keys: decoded by the dataset's decoder, augmented by a
-    [`SegmentationTrainTransform`] drawing from a generator seeded with `(seed, epoch, position)`.
-    """
-
-    def __init__(self, dataset: datasets.Dataset, transform: SegmentationTrainTransform, seed: int):
-        self.dataset = dataset
-        self.transform = transform
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, torch.Tensor]:
-        index, epoch, position = key
-        sample = self.dataset[int(index)]
-        rng = np.random.default_rng([self.seed, epoch, position])
-        pixel_values, labels = self.transform.augment(sample["image"], sample["label"], rng)
-        return {"pixel_values": pixel_values, "labels": labels}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------------
@@ -625,9 +580,9 @@ class AugmentedTrainSamples(torch.utils.data.Dataset):
 
 def _warn(message: str):
     """A warning through Accelerate's logger (main process only) when its state exists, plain logging otherwise."""
-    from accelerate.state import PartialState
+    from accelerate.state import is_initialized
 
-    if PartialState._shared_state:
+    if is_initialized():
         logger.warning(message)
     else:
         logging.getLogger(__name__).warning(message)
@@ -736,7 +691,7 @@ def _apply_preset(config: CLIPRCConfig, preset: str) -> None:
     """Apply the training recipe of `preset` (setting, loss weights, score calibration) to the config of a loaded
     model; a model with the preset benchmark's classes also takes its zero-shot split, a model with other classes
     keeps its own."""
-    recipe = CLIPRCConfig.from_preset(preset)
+    recipe = preset_config(preset)
     if config.num_prompt_tokens != recipe.num_prompt_tokens:
         logger.warning(
             f"The loaded model has {config.num_prompt_tokens} prompt tokens, preset {preset!r} uses "
@@ -752,28 +707,31 @@ def _apply_preset(config: CLIPRCConfig, preset: str) -> None:
         setattr(config, name, getattr(recipe, name))
 
 
-def _config_field_names() -> set[str]:
-    return set(CLIPRCConfig.__annotations__) | {"id2label", "label2id"}
-
-
 # Config fields set by the class arguments (--class_names, --class_names_file, --unseen_classes, --templates).
 _CLASS_FIELDS = {"id2label", "label2id", "seen_class_ids", "prompt_templates", "benchmark"}
 
 
 def _parsed_overrides(model_args: ModelArguments) -> dict[str, Any]:
-    """`--config_overrides` as a dict, refusing unknown fields and the fields the class arguments set."""
-    overrides = _parse_config_overrides(model_args.config_overrides)
-    unknown = sorted(set(overrides) - _config_field_names())
-    if unknown:
-        raise ValueError(f"--config_overrides names unknown CLIPRCConfig fields: {unknown}.")
-    class_fields = sorted(set(overrides) & _CLASS_FIELDS)
+    """`--config_overrides` ("key=value,...") as a dict of typed values, refusing unknown fields and the fields the
+    class arguments set."""
+    text = model_args.config_overrides
+    if not text:
+        return {}
+    keys = [item.split("=", 1)[0].strip() for item in text.split(",")]
+    class_fields = sorted(set(keys) & _CLASS_FIELDS)
     if class_fields:
         raise ValueError(
             f"--config_overrides cannot set {class_fields}: give the classes with --class_names / --class_names_file "
             "(or the dataset's id2label.json, or --benchmark), the zero-shot split with --unseen_classes and the "
             "prompt templates with --templates."
         )
-    return overrides
+    # transformers parses the values by the type of each field of a default configuration.
+    typed = CLIPRCConfig()
+    try:
+        typed.update_from_string(text)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"--config_overrides {text!r}: {error}") from error
+    return {key: getattr(typed, key) for key in keys}
 
 
 def _load_pretrained(model_class, source: str, cache_dir: str | None):
@@ -860,8 +818,7 @@ def _model_from_clip(model_args, data_args, overrides, tokenizer) -> tuple[CLIPR
     if model_args.crop_size is not None:
         values["crop_size"] = model_args.crop_size
         if model_args.sliding_window_stride is None and "sliding_window_stride" not in values:
-            # The reference's 426 / 512, scaled to the crop.
-            values["sliding_window_stride"] = max(1, int(model_args.crop_size * 426 / 512))
+            values["sliding_window_stride"] = window_stride(model_args.crop_size)
     if model_args.sliding_window_stride is not None:
         values["sliding_window_stride"] = model_args.sliding_window_stride
     values.update(
@@ -870,7 +827,7 @@ def _model_from_clip(model_args, data_args, overrides, tokenizer) -> tuple[CLIPR
         projection_dim=clip.config.projection_dim,
         **_class_config_values(classes, model_args.templates),
     )
-    config = CLIPRCConfig.from_preset(model_args.preset, **values)
+    config = preset_config(model_args.preset, **values)
     if tokenizer is None:
         raise ValueError(
             "Starting from CLIP needs its tokenizer to compute the class embeddings once; none found at "
@@ -968,28 +925,6 @@ def build_processor(model: CLIPRCForSemanticSegmentation, tokenizer, eval_shorte
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def evaluate_segmentation(
-    model: CLIPRCForSemanticSegmentation,
-    eval_dataset: torch.utils.data.Dataset,
-    accelerator: Accelerator,
-    image_processor: CLIPRCImageProcessor,
-    num_workers: int = 0,
-    description: str = "evaluating",
-) -> dict[str, Any]:
-    """
-    Periodic evaluation: `eval.py`'s scoring ([`~clip_rc.commands.evaluate.evaluate_model`]: the reference's sliding-window
-    protocol, metric totals summed over processes) on `eval_dataset`, plus the per-class table as `table`. Every
-    process must call it; all get the same figures.
-    """
-    results = evaluate_model(
-        model, eval_dataset, image_processor=image_processor, accelerator=accelerator, num_workers=num_workers,
-        batch_size=1, progress=True,
-        description=description,
-    )
-    results["table"] = format_results_table(results, results.get("class_names"))
-    return results
-
-
 def _summary_metrics(results: dict[str, Any]) -> dict[str, float]:
     """The scalar figures of [`SegmentationMetric.compute`] (mIoU, seen / unseen / harmonic IoU, accuracies)."""
     keys = ("mean_iou", "mean_iou_seen", "mean_iou_unseen", "harmonic_iou", "overall_accuracy", "mean_accuracy")
@@ -1037,10 +972,10 @@ class _Plan:
 
 def _resolve_plan(model_args, training_args, config: CLIPRCConfig, num_processes: int) -> _Plan:
     preset = model_args.preset
-    if preset is None and config.benchmark and f"{config.benchmark}-{config.setting}" in PRESET_RECIPES:
+    if preset is None and config.benchmark and f"{config.benchmark}-{config.setting}" in RECIPES:
         preset = f"{config.benchmark}-{config.setting}"
-    recipe = PRESET_RECIPES.get(preset, {})
-    max_steps = training_args.max_steps if training_args.max_steps is not None else recipe.get("max_steps")
+    recipe = RECIPES.get(preset)
+    max_steps = training_args.max_steps if training_args.max_steps is not None else getattr(recipe, "max_steps", None)
     if max_steps is None:
         raise ValueError("No recipe applies to this model: pass --max_steps (and --total_train_batch_size).")
     if max_steps < 0:
@@ -1051,12 +986,10 @@ def _resolve_plan(model_args, training_args, config: CLIPRCConfig, num_processes
     if training_args.per_device_train_batch_size is not None:
         per_device = training_args.per_device_train_batch_size
         total = per_device * num_processes * accumulation
-        if recipe and training_args.total_train_batch_size is None and total != recipe["total_train_batch_size"]:
-            logger.warning(
-                f"{total} images per iteration; the {preset} recipe uses {recipe['total_train_batch_size']}."
-            )
+        if recipe and training_args.total_train_batch_size is None and total != recipe.total_train_batch_size:
+            logger.warning(f"{total} images per iteration; the {preset} recipe uses {recipe.total_train_batch_size}.")
     else:
-        total = training_args.total_train_batch_size or recipe.get("total_train_batch_size")
+        total = training_args.total_train_batch_size or getattr(recipe, "total_train_batch_size", None)
         if total is None:
             raise ValueError("Pass --per_device_train_batch_size or --total_train_batch_size.")
         if total % (num_processes * accumulation):
@@ -1068,13 +1001,13 @@ def _resolve_plan(model_args, training_args, config: CLIPRCConfig, num_processes
     if per_device < 1:
         raise ValueError("The per-device batch size must be at least 1.")
 
-    reference_steps = recipe.get("max_steps", max_steps)
+    reference_steps = recipe.max_steps if recipe else max_steps
     if training_args.scale_lr_schedule:
         decay = max_steps
-        warmup = round(1500 * max_steps / reference_steps) if reference_steps else 0
+        warmup = round(WARMUP_ITERATIONS * max_steps / reference_steps) if reference_steps else 0
     else:
         decay = reference_steps
-        warmup = 1500
+        warmup = WARMUP_ITERATIONS
     if training_args.lr_decay_steps is not None:
         decay = training_args.lr_decay_steps
     if training_args.warmup_steps is not None:
@@ -1334,7 +1267,7 @@ def _build_accelerator(training_args: TrainingArguments, output_dir: Path, repor
 def _training_samples(train_dataset, config: CLIPRCConfig, data_args: DataArguments, seed: int):
     """The training split behind the reference augmentation, each sample drawing from its own seeded generator."""
     crop = config.crop_size
-    scale = tuple(data_args.train_scale) if data_args.train_scale else (2048 * crop // 512, crop)
+    scale = tuple(data_args.train_scale) if data_args.train_scale else train_scale(crop)
     if len(scale) != 2:
         raise ValueError(f"--train_scale takes two sizes (long short), got {list(scale)}.")
     transform = SegmentationTrainTransform(
@@ -1476,11 +1409,13 @@ class _TrainingRun:
             _discard_checkpoint(old)
 
     def run_evaluation(self, step: int):
-        image_processor = getattr(self.processor, "image_processor", self.processor)
-        results = evaluate_segmentation(
-            self.model, self.eval_dataset, self.accelerator, image_processor, self.training_args.dataloader_num_workers
-        )
-        self.last_metrics, self.last_table = _summary_metrics(results), results["table"]
+        # Every process scores its shard; all get the same figures.
+        results = evaluate_model(
+            self.model, self.eval_dataset, image_processor=getattr(self.processor, "image_processor", self.processor),
+            accelerator=self.accelerator, num_workers=self.training_args.dataloader_num_workers, batch_size=1,
+        )  # fmt: skip
+        self.last_metrics = _summary_metrics(results)
+        self.last_table = format_results_table(results, results["class_names"])
         logger.info(f"Evaluation at step {step} on {self.eval_split}:\n{self.last_table}")
         self.log_metrics({f"eval/{key}": value for key, value in self.last_metrics.items()}, step)
 

@@ -10,9 +10,9 @@ from .loading import (
     installed_decoder,
     load_segmentation_dataset,
     read_id2label_file,
-    with_segmentation_transform,
 )
 from .transforms import (
+    AugmentedTrainSamples,
     REFERENCE_IMAGE_MEAN,
     REFERENCE_IMAGE_STD,
     SegmentationTrainTransform,
@@ -23,6 +23,7 @@ from .transforms import (
 
 
 __all__ = [
+    "AugmentedTrainSamples",
     "COCO_STUFF_UNUSED_IDS",
     "ID2LABEL_FILE",
     "REFERENCE_IMAGE_MEAN",
@@ -38,5 +39,4 @@ __all__ = [
     "photometric_distortion",
     "random_crop_box",
     "read_id2label_file",
-    "with_segmentation_transform",
 ]

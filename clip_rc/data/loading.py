@@ -29,8 +29,8 @@ the index only lists files: no image is opened. Decoding happens lazily, sample 
 so `dataset["train"][0]` is `{"image": PIL RGB image, "label": PIL "L" image of train ids, 255 = ignore}`.
 Decoding is kept out of the `datasets.Image` feature (`decode=False`) so that these checks can name the file.
 
-`Dataset.with_transform` replaces the installed transform; use [`with_segmentation_transform`] instead to run a
-training or evaluation transform *after* the decoder.
+`Dataset.with_transform` would replace the decoder: augment the decoded samples instead, as
+[`clip_rc.data.AugmentedTrainSamples`] does.
 """
 
 
@@ -38,7 +38,7 @@ import io
 import json
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -71,7 +71,6 @@ __all__ = [
     "load_segmentation_dataset",
     "read_id2label_file",
     "scale_to_8_bits",
-    "with_segmentation_transform",
 ]
 
 
@@ -298,47 +297,10 @@ class SegmentationDecoder:
         return PIL.Image.fromarray(train_ids.astype(np.uint8))
 
 
-class _ChainedTransform:
-    """Apply batch transforms one after another (a picklable replacement for a lambda)."""
-
-    def __init__(self, *transforms: Callable[[dict], dict]):
-        self.transforms = transforms
-
-    def __call__(self, batch: dict) -> dict:
-        for transform in self.transforms:
-            batch = transform(batch)
-        return batch
-
-
 def installed_decoder(dataset: datasets.Dataset) -> SegmentationDecoder:
     """The decoder installed on `dataset` by the loader, or a default one (no remapping) if there is none."""
     transform = dataset.format.get("format_kwargs", {}).get("transform")
-    if isinstance(transform, _ChainedTransform):
-        transform = transform.transforms[0]
     return transform if isinstance(transform, SegmentationDecoder) else SegmentationDecoder()
-
-
-def with_segmentation_transform(
-    dataset: datasets.Dataset | datasets.DatasetDict, transform: Callable[[dict], dict]
-) -> datasets.Dataset | datasets.DatasetDict:
-    """
-    Like `Dataset.with_transform`, but keeps the [`SegmentationDecoder`] of the dataset and runs `transform` on its
-    output (decoded RGB images and train-id label maps).
-
-    Args:
-        dataset (`datasets.Dataset` or `datasets.DatasetDict`):
-            A dataset from [`load_segmentation_dataset`] (or any dataset with `image` / `label` columns).
-        transform (`Callable[[dict], dict]`):
-            A batch transform, e.g. [`SegmentationTrainTransform`].
-
-    Returns:
-        A new dataset (dict) of the same type whose items are `transform(decoder(batch))`.
-    """
-    if isinstance(dataset, datasets.DatasetDict):
-        return datasets.DatasetDict(
-            {split: with_segmentation_transform(split_dataset, transform) for split, split_dataset in dataset.items()}
-        )
-    return dataset.with_transform(_ChainedTransform(installed_decoder(dataset), transform))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -646,8 +608,7 @@ def load_segmentation_dataset(
 
     Building the index only lists files (and checks that every image named in a split file, and its label map,
     exist); nothing is decoded. Each split gets a [`SegmentationDecoder`] as its format transform, so indexing a split
-    returns `{"image": PIL RGB image, "label": PIL "L" image of train ids (255 = ignore)}`. Use
-    [`with_segmentation_transform`] to add a training or evaluation transform on top of it.
+    returns `{"image": PIL RGB image, "label": PIL "L" image of train ids (255 = ignore)}`.
 
     Args:
         source (`str`, `os.PathLike`, `datasets.Dataset` or `datasets.DatasetDict`):

@@ -23,7 +23,6 @@ half-pixel centres for images, nearest for labels), which is what OpenCV's `INTE
 mmcv compute; the HSV conversions of the photometric distortion follow OpenCV's 8-bit convention (hue in [0, 180)).
 """
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +37,7 @@ from .loading import as_rgb_image, scale_to_8_bits
 __all__ = [
     "REFERENCE_IMAGE_MEAN",
     "REFERENCE_IMAGE_STD",
+    "AugmentedTrainSamples",
     "SegmentationTrainTransform",
     "collate_fn",
     "photometric_distortion",
@@ -217,7 +217,8 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 
 class SegmentationTrainTransform:
     """
-    The reference training augmentation, as a batch transform for `datasets` (see [`with_segmentation_transform`]).
+    The reference training augmentation of one sample ([`augment`], drawing from the generator it is given; see
+    [`AugmentedTrainSamples`] for a dataset of augmented samples).
 
     Per sample, with mmsegmentation's semantics: (1) rescale keeping the aspect ratio to fit
     `(scale[0] * r, scale[1] * r)` with `r ~ U(ratio_range)` (long side <= long target, short side <= short target;
@@ -225,14 +226,6 @@ class SegmentationTrainTransform:
     covers less than `cat_max_ratio` of the crop's labelled pixels; (3) horizontal flip with probability `flip_prob`;
     (4) photometric distortion (see [`photometric_distortion`]); (5) normalise with `image_mean` / `image_std` on
     0-255 RGB; (6) pad bottom / right to `crop_size` (image 0 after normalisation, label `ignore_index`).
-
-    Randomness: `seed` is an `int` or a `np.random.Generator`. In the main process the transform draws from one
-    generator seeded with it, so the same seed applied to the same sequence of batches gives the same augmented
-    batches. In a `DataLoader` worker it draws from a generator seeded with `(seed, torch worker seed)`; the torch
-    worker seed is `base_seed + worker_id`, where `base_seed` is drawn from the DataLoader's torch generator every
-    epoch, so workers and epochs get different streams that are reproducible when torch is seeded (pass
-    `generator=torch.Generator().manual_seed(...)` to the DataLoader or call `torch.manual_seed`). `seed=None` draws
-    fresh OS entropy.
 
     Args:
         crop_size (`int` or `tuple[int, int]`, *optional*, defaults to 512):
@@ -253,8 +246,6 @@ class SegmentationTrainTransform:
             Per-channel standard deviation on the 0-255 scale.
         ignore_index (`int`, *optional*, defaults to 255):
             Label value of unlabelled and padded pixels.
-        seed (`int` or `np.random.Generator`, *optional*):
-            Seed of the augmentation randomness (see above).
     """
 
     def __init__(
@@ -268,7 +259,6 @@ class SegmentationTrainTransform:
         image_mean: Sequence[float] = REFERENCE_IMAGE_MEAN,
         image_std: Sequence[float] = REFERENCE_IMAGE_STD,
         ignore_index: int = 255,
-        seed: int | np.random.Generator | None = None,
     ):
         self.crop_size = _pair(crop_size)
         self.scale = (max(scale), min(scale))
@@ -279,29 +269,6 @@ class SegmentationTrainTransform:
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
         self.ignore_index = ignore_index
-        self.seed = seed
-        self._rng: np.random.Generator | None = None
-        self._rng_owner: tuple[int, int | None] | None = None
-
-    def _generator(self) -> np.random.Generator:
-        """The generator of the current process / DataLoader worker, created on first use there."""
-        worker_info = torch.utils.data.get_worker_info()
-        owner = (os.getpid(), worker_info.id if worker_info is not None else None)
-        if self._rng is None or self._rng_owner != owner:
-            if worker_info is None and isinstance(self.seed, np.random.Generator):
-                self._rng = self.seed
-            elif worker_info is None:
-                self._rng = np.random.default_rng(self.seed)
-            else:
-                if isinstance(self.seed, np.random.Generator):
-                    base = int(self.seed.integers(2**63))
-                elif self.seed is None:
-                    base = int(np.random.SeedSequence().entropy % 2**63)
-                else:
-                    base = self.seed
-                self._rng = np.random.default_rng([base, worker_info.seed])
-            self._rng_owner = owner
-        return self._rng
 
     def augment(self, image: Any, label: Any, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """
@@ -341,22 +308,6 @@ class SegmentationTrainTransform:
         labels[:height, :width] = torch.from_numpy(label.astype(np.int64))
         return pixel_values, labels
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list[torch.Tensor]]:
-        """
-        Args:
-            batch (`dict[str, list]`): `image` and `label` lists (decoded samples).
-
-        Returns:
-            `dict[str, list[torch.Tensor]]`: `pixel_values` (each `(3, crop_h, crop_w)` float32) and `labels` (each
-            `(crop_h, crop_w)` int64).
-        """
-        rng = self._generator()
-        pixel_values, labels = [], []
-        for image, label in zip(batch["image"], batch["label"]):
-            sample_pixels, sample_labels = self.augment(image, label, rng)
-            pixel_values.append(sample_pixels)
-            labels.append(sample_labels)
-        return {"pixel_values": pixel_values, "labels": labels}
 
 
 def collate_fn(examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -373,3 +324,26 @@ def collate_fn(examples: list[dict[str, Any]]) -> dict[str, Any]:
         same_shape = all(torch.is_tensor(value) and value.shape == values[0].shape for value in values)
         batch[key] = torch.stack(values) if same_shape else values
     return batch
+
+
+class AugmentedTrainSamples(torch.utils.data.Dataset):
+    """
+    Training samples addressed by `(index, epoch, position)` keys: decoded by the dataset's decoder, augmented by a
+    [`SegmentationTrainTransform`] drawing from a generator seeded with `(seed, epoch, position)`, so that a sample's
+    augmentation depends on neither the process nor the `DataLoader` worker that draws it.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, transform: SegmentationTrainTransform, seed: int):
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        index, epoch, position = key
+        sample = self.dataset[int(index)]
+        rng = np.random.default_rng([self.seed, epoch, position])
+        pixel_values, labels = self.transform.augment(sample["image"], sample["label"], rng)
+        return {"pixel_values": pixel_values, "labels": labels}
