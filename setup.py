@@ -27,6 +27,8 @@ setup(
     extras_require={
         # parameterized: transformers' common test suites, which tests/transformers_suites.py runs, import it.
         "test": ["pytest>=8", "parameterized>=0.9"],
+        # ruff check / ruff format --check with the configuration in pyproject.toml, as CI runs them.
+        "quality": ["ruff>=0.9"],
         "tensorboard": ["tensorboard>=2.14"],
         "plots": ["matplotlib>=3.8"],
         # clip-rc-export --format onnx (onnx, onnxscript) and the ONNX Runtime backend.

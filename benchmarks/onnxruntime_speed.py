@@ -18,11 +18,11 @@ import torch
 
 from clip_rc import CLIPRCForSemanticSegmentation
 from clip_rc.commands.export import export_segmentation_model
+from clip_rc.profiling import random_preset_model
 from clip_rc.utils import setup_logging
-from clip_rc.presets import preset_config
 
 
-logger = logging.getLogger("clip_rc.class_sets.onnxruntime_speed")
+logger = logging.getLogger("benchmarks.onnxruntime_speed")
 
 
 def parse_args() -> argparse.Namespace:
@@ -31,14 +31,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="Threads of PyTorch and of ONNX Runtime.")
     parser.add_argument("--runs", type=int, default=5, help="Timed runs of each backend.")
     return parser.parse_args()
-
-
-def random_model(preset: str) -> CLIPRCForSemanticSegmentation:
-    torch.manual_seed(0)
-    config = preset_config(preset)
-    model = CLIPRCForSemanticSegmentation(config).eval()
-    model.set_class_embeddings(torch.randn(config.num_labels, config.projection_dim))
-    return model
 
 
 def onnxruntime_runner(model: CLIPRCForSemanticSegmentation, threads: int):
@@ -60,7 +52,8 @@ def main():
     args = parse_args()
     setup_logging()
     torch.set_num_threads(args.threads)
-    model = random_model(args.preset)
+    torch.manual_seed(0)
+    model = random_preset_model(args.preset).eval()
     runner = onnxruntime_runner(model, args.threads)
     crop = model.config.crop_size
     pixel_values, text_embeds = torch.randn(1, 3, crop, crop), model.class_embeddings

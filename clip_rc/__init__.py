@@ -12,7 +12,7 @@ from .modeling_clip_rc import (
     CLIPRCSemanticSegmenterOutput,
 )
 from .pipelines import CLIPRCSegmentationPipeline, CLIPRCZeroShotSegmentationPipeline
-from .presets import PRESETS, preset_config
+from .presets import PRESETS
 from .processing_clip_rc import CLIPRCProcessor
 
 
@@ -41,5 +41,4 @@ __all__ = [
     "CLIPRCZeroShotSegmentationPipeline",
     "PRESETS",
     "SETTINGS",
-    "preset_config",
 ]

@@ -440,7 +440,9 @@ def parse_class_ids(
     for token in tokens:
         text = str(token).strip()
         if not text:
-            raise ValueError(f"`{field}` holds an empty entry ({classes!r}); give class names or ids, comma-separated.")
+            raise ValueError(
+                f"`{field}` holds an empty entry ({classes!r}); give class names or ids, comma-separated."
+            )
         if text in label2id:
             ids.append(label2id[text])
         elif text.lstrip("-").isdigit():

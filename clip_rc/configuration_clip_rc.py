@@ -13,7 +13,6 @@ from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.utils import logging
 
 
-
 logger = logging.get_logger(__name__)
 
 SETTINGS = ("inductive", "transductive", "fully")
@@ -33,7 +32,9 @@ _SEEN_SCORE_BIAS = {"inductive": 0.1, "transductive": 0.0, "fully": 0.1}
 # `pipeline(task, model=folder, trust_remote_code=True)` serves them in a process that never imported `clip_rc`.
 CUSTOM_PIPELINES = {
     "image-segmentation": {
-        "impl": "pipelines.CLIPRCSegmentationPipeline", "pt": ["AutoModelForSemanticSegmentation"], "type": "image"
+        "impl": "pipelines.CLIPRCSegmentationPipeline",
+        "pt": ["AutoModelForSemanticSegmentation"],
+        "type": "image",
     },
     "zero-shot-image-segmentation": {
         "impl": "pipelines.CLIPRCZeroShotSegmentationPipeline",
@@ -43,21 +44,49 @@ CUSTOM_PIPELINES = {
 }
 
 # OpenAI's ViT-B/16 image tower, the backbone of every reference recipe.
-_VIT_B_16 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-             "patch_size": 16, "image_size": 224, "projection_dim": 512}
+_VIT_B_16 = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "patch_size": 16,
+    "image_size": 224,
+    "projection_dim": 512,
+}
 
 # Sizes of the CLIP towers that must be positive integers (checked before the tower configs divide by them).
 _TOWER_SIZES = {
-    "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size",
-                      "image_size", "num_channels"),
-    "text_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                    "max_position_embeddings"),
+    "vision_config": (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "patch_size",
+        "image_size",
+        "num_channels",
+    ),
+    "text_config": (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+        "max_position_embeddings",
+    ),
 }
 # Fields of this config with the smallest value they may take (other range rules live in `_validate`).
 _MINIMUM_VALUES = {
-    "projection_dim": 1, "crop_size": 1, "num_prompt_tokens": 1, "decoder_hidden_size": 1,
-    "decoder_num_attention_heads": 1, "decoder_num_layers": 1, "decoder_intermediate_size": 1,
-    "recovery_num_layers": 0, "focal_gamma": 0.0, "mask_loss_weight": 0.0, "dice_loss_weight": 0.0,
+    "projection_dim": 1,
+    "crop_size": 1,
+    "num_prompt_tokens": 1,
+    "decoder_hidden_size": 1,
+    "decoder_num_attention_heads": 1,
+    "decoder_num_layers": 1,
+    "decoder_intermediate_size": 1,
+    "recovery_num_layers": 0,
+    "focal_gamma": 0.0,
+    "mask_loss_weight": 0.0,
+    "dice_loss_weight": 0.0,
     "recovery_loss_weight": 0.0,
 }
 _PROBABILITIES = ("prompt_dropout", "decoder_dropout", "decoder_attention_dropout", "focal_alpha")
@@ -254,7 +283,9 @@ class CLIPRCConfig(PreTrainedConfig):
         if sorted(self.id2label) != list(range(len(self.id2label))):
             raise ValueError(f"`id2label` must be keyed 0 .. num_labels - 1, got keys {sorted(self.id2label)[:10]}.")
         if 0 <= self.ignore_index < self.num_labels:
-            raise ValueError(f"`ignore_index` ({self.ignore_index}) must not be a class id (0 .. {self.num_labels - 1}).")
+            raise ValueError(
+                f"`ignore_index` ({self.ignore_index}) must not be a class id (0 .. {self.num_labels - 1})."
+            )
 
     def _check_grid(self):
         """Crop, patch grid, region grid and sliding windows fit together."""
@@ -326,6 +357,20 @@ class CLIPRCConfig(PreTrainedConfig):
     @property
     def patch_grid_size(self) -> int:
         return self.crop_size // self.vision_config.patch_size
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "CLIPRCConfig":
+        """
+        The configuration of one of the reference's six recipes, full size (CLIP ViT-B/16): `voc-inductive`,
+        `voc-transductive`, `voc-fully`, `coco-stuff-inductive`, `coco-stuff-transductive`, `coco-stuff-fully`.
+        Keyword arguments override any field (e.g. smaller towers for tests).
+        """
+        # The recipes live in the clip-rc package, not in checkpoint folders (a folder loads without them).
+        try:
+            from clip_rc.presets import preset_values
+        except ImportError as error:
+            raise ImportError(f"Preset {name!r} needs the clip-rc package: `pip install clip-rc`.") from error
+        return cls(**{**preset_values(name), **overrides})
 
 
 def _template_problem(template) -> str | None:

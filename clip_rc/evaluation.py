@@ -39,7 +39,13 @@ __all__ = [
 
 # The keys of `evaluate`'s `mean_iou` plus the zero-shot split figures, in the order of the metrics file.
 MEAN_IOU_KEYS = ("mean_iou", "mean_accuracy", "overall_accuracy", "per_category_iou", "per_category_accuracy")
-METRIC_KEYS = MEAN_IOU_KEYS + ("mean_iou_seen", "mean_iou_unseen", "harmonic_iou", "seen_class_ids", "unseen_class_ids")
+METRIC_KEYS = MEAN_IOU_KEYS + (
+    "mean_iou_seen",
+    "mean_iou_unseen",
+    "harmonic_iou",
+    "seen_class_ids",
+    "unseen_class_ids",
+)
 
 
 class MetricsMismatchError(ValueError):
@@ -232,13 +238,17 @@ def evaluate_model(
     classes = classes or resolve_classes(model, image_processor)
     state = PartialState()
     ignore_index = model.config.ignore_index
-    metric = SegmentationMetric(len(classes.names), ignore_index, classes.seen_class_ids, classes.names, device=state.device)
+    metric = SegmentationMetric(
+        len(classes.names), ignore_index, classes.seen_class_ids, classes.names, device=state.device
+    )
     total = len(dataset) if max_samples is None else min(len(dataset), max_samples)
     if total == 0:
         raise ValueError("The evaluation split is empty.")
     with state.split_between_processes(list(range(total))) as shard:
         split = ProcessedSplit(dataset, image_processor, shard)
-    loader = torch.utils.data.DataLoader(split, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_windows)
+    loader = torch.utils.data.DataLoader(
+        split, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_windows
+    )
     keep_maps = metric_backend == "evaluate" or cross_check_evaluate
     was_training = model.training
     model.eval()
@@ -253,6 +263,8 @@ def evaluate_model(
     results = metric.compute()  # sums the totals over processes: every process must get here
     if keep_maps:
         cross_check_with = results if cross_check_evaluate else None
-        theirs = _evaluate_backend_results(maps, state, classes, ignore_index, evaluate_metric_path, cross_check_with, atol)
+        theirs = _evaluate_backend_results(
+            maps, state, classes, ignore_index, evaluate_metric_path, cross_check_with, atol
+        )
         results = theirs if metric_backend == "evaluate" else results
     return {**results, "class_names": classes.names, "num_images": total, "metric_backend": metric_backend}

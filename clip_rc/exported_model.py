@@ -16,6 +16,7 @@ prompts like its base model (`model.clip_rc.encode_class_prompts`), so the one i
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,32 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 from transformers.exporters import ExportedModel
 from transformers.exporters.base import EXPORT_MANIFEST_FILE
+from transformers.utils import ModelOutput
 
 from .image_processing_clip_rc import CLIPRCImageProcessor
 from .modeling_clip_rc import CLIPRCSemanticSegmenterOutput
 
 
-__all__ = ["CLIPRCExportedModel", "CLIPRCExportedTextTower", "export_format_of", "load_exported_model_and_processor"]
+__all__ = [
+    "CLIPRCExportedModel",
+    "CLIPRCExportedTextTower",
+    "CLIPRCTextEncoderOutput",
+    "export_format_of",
+    "load_exported_model_and_processor",
+]
+
+
+@dataclass
+class CLIPRCTextEncoderOutput(ModelOutput):
+    """
+    Output of the exported text tower; defined here, with the runtime, because loading an export rebuilds its
+    output type by this module's name.
+
+    Args:
+        text_embeds (`torch.FloatTensor` of shape `(C, E)`): normalised class embeddings, template-averaged.
+    """
+
+    text_embeds: torch.FloatTensor | None = None
 
 
 def export_format_of(export_dir: str | os.PathLike) -> str:
@@ -41,6 +62,7 @@ def export_format_of(export_dir: str | os.PathLike) -> str:
         )
     return json.loads(manifest.read_text(encoding="utf-8"))["export_format"]
 
+
 # The export's formats (command-line name -> transformers exporter), component names and files.
 EXPORT_FORMATS = {"torch": "dynamo", "onnx": "onnx"}
 SEGMENTATION_COMPONENT = "model"
@@ -51,7 +73,6 @@ CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
 def image_size_multiple(config) -> int:
     """Heights and widths the model takes are multiples of this: whole patches in every region cell."""
     return config.vision_config.patch_size * config.region_grid_size
-
 
 
 class CLIPRCExportedTextTower:
@@ -107,7 +128,11 @@ class CLIPRCExportedModel:
 
     @classmethod
     def from_pretrained(
-        cls, export_dir: str | os.PathLike, device=None, num_threads: int | None = None, trust_remote_code: bool = False
+        cls,
+        export_dir: str | os.PathLike,
+        device=None,
+        num_threads: int | None = None,
+        trust_remote_code: bool = False,
     ) -> "CLIPRCExportedModel":
         """
         Load a `clip-rc-export` folder on its runtime. `num_threads` sizes ONNX Runtime's thread pool (default: ONNX

@@ -41,9 +41,9 @@ _TORCH_MODES = {
     PILImageResampling.BICUBIC: "bicubic",
 }
 
-# Classes whose full-resolution scores are alive at once while label maps are assembled: memory does not grow with
-# the number of classes.
-CLASSES_PER_CHUNK = 32
+# Classes whose full-resolution scores are alive at once while label maps are assembled (8 MB in fp32 for a 512 x 512
+# map, so that they stay in the processor's caches): memory does not grow with the number of classes.
+CLASSES_PER_CHUNK = 8
 
 
 def get_rescaled_size(
@@ -241,7 +241,9 @@ class CLIPRCImageProcessor(PilBackend):
             image = _to_uint8_range(array)
         return super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format)
 
-    def resize(self, image: np.ndarray, size: SizeDict, resample: PILImageResampling | None = None, **kwargs) -> np.ndarray:
+    def resize(
+        self, image: np.ndarray, size: SizeDict, resample: PILImageResampling | None = None, **kwargs
+    ) -> np.ndarray:
         """Aspect-preserving resize of a `(C, H, W)` array to `size.shortest_edge` (capped by `size.longest_edge`)."""
         resample = PILImageResampling(resample) if resample is not None else PILImageResampling.BILINEAR
         if resample not in _TORCH_MODES:
@@ -261,7 +263,12 @@ class CLIPRCImageProcessor(PilBackend):
         height, width = image.shape[-2:]
         canvas = np.zeros((image.shape[0], max(height, crop), max(width, crop)), dtype=np.float32)
         canvas[:, :height, :width] = image
-        return np.stack([canvas[:, top:bottom, left:right] for top, bottom, left, right in sliding_windows(height, width, crop, stride)])
+        return np.stack(
+            [
+                canvas[:, top:bottom, left:right]
+                for top, bottom, left, right in sliding_windows(height, width, crop, stride)
+            ]
+        )
 
     def _preprocess(
         self,
@@ -293,12 +300,16 @@ class CLIPRCImageProcessor(PilBackend):
         if do_sliding_window:
             if sliding_window_stride is None or sliding_window_stride < 1:
                 raise ValueError(f"sliding_window_stride must be a positive integer, got {sliding_window_stride!r}.")
-            pixel_values = np.concatenate([self.cut_windows(image, crop_size, sliding_window_stride) for image in processed])
+            pixel_values = np.concatenate(
+                [self.cut_windows(image, crop_size, sliding_window_stride) for image in processed]
+            )
         elif all(image.shape == processed[0].shape for image in processed):
             pixel_values = np.stack(processed)
         else:
             pixel_values = processed
-        return BatchFeature(data={"pixel_values": pixel_values, "image_sizes": image_sizes}, tensor_type=return_tensors)
+        return BatchFeature(
+            data={"pixel_values": pixel_values, "image_sizes": image_sizes}, tensor_type=return_tensors
+        )
 
     def post_process_semantic_segmentation(
         self,
@@ -341,14 +352,18 @@ class CLIPRCImageProcessor(PilBackend):
                     )
                 )
             else:
-                results.append(image_label_map(window_logits, windows, image_size, crop, offsets, target_size))
+                results.append(
+                    image_label_map(window_logits.detach(), windows, image_size, crop, offsets, target_size)
+                )
         return results
 
     def windows_per_image(self, image_sizes: Sequence[tuple[int, int]] | torch.Tensor) -> list[int]:
         """How many sliding windows this processor cuts from images of the given resized `(height, width)`."""
         crop = _square_crop(self.crop_size)
         sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
-        return [len(sliding_windows(int(height), int(width), crop, self.sliding_window_stride)) for height, width in sizes]
+        return [
+            len(sliding_windows(int(height), int(width), crop, self.sliding_window_stride)) for height, width in sizes
+        ]
 
     def _check_post_process_inputs(self, outputs, target_sizes):
         """Logits, image sizes, offsets and target sizes as lists of `(height, width)`, checked against each other
@@ -385,41 +400,51 @@ def _square_crop(crop_size: SizeDict | dict) -> int:
     return crop_size.height
 
 
-def window_average_scores(window_logits: torch.Tensor, windows, canvas_size: tuple[int, int], crop: int) -> torch.Tensor:
+def window_average_scores(
+    window_logits: torch.Tensor, windows, canvas_size: tuple[int, int], crop: int
+) -> torch.Tensor:
     """Sigmoid scores `(c, *canvas_size)` of a class range, from its window logits `(n, c, h, w)` upsampled to the
     crop size, averaged where windows overlap."""
     upsampled = F.interpolate(window_logits.float(), size=(crop, crop), mode="bilinear", align_corners=False)
+    probabilities = upsampled.sigmoid_()
+    if len(windows) == 1:  # the canvas is the one window: its scores are the average, no canvas needed
+        return probabilities[0]
     scores = upsampled.new_zeros(window_logits.shape[1], *canvas_size)
     counts = upsampled.new_zeros(1, *canvas_size)
-    for window_scores, (top, bottom, left, right) in zip(upsampled.sigmoid(), windows):
+    for window_scores, (top, bottom, left, right) in zip(probabilities, windows):
         scores[:, top:bottom, left:right] += window_scores
         counts[:, top:bottom, left:right] += 1
-    return scores / counts
+    return scores.div_(counts)
 
 
 def calibrated_scores(window_logits, windows, image_size, crop, offsets, target_size) -> torch.Tensor:
     """The calibrated scores `(c, *target_size)` of one image for a class range: window scores averaged, padding cut,
-    `offsets` (c,) subtracted, resized (bilinear) from the resized `image_size` to `target_size`."""
+    `offsets` (c,) subtracted (`None`: all zero), resized (bilinear) from the resized `image_size` to `target_size`."""
     canvas_size = (max(image_size[0], crop), max(image_size[1], crop))
     scores = window_average_scores(window_logits, windows, canvas_size, crop)[:, : image_size[0], : image_size[1]]
-    scores = scores - offsets[:, None, None]
+    if offsets is not None:
+        scores = scores.sub_(offsets[:, None, None])
     if tuple(target_size) != tuple(image_size):
         scores = F.interpolate(scores[None], size=tuple(target_size), mode="bilinear", align_corners=False)[0]
     return scores
 
 
 def image_label_map(window_logits, windows, image_size, crop, offsets, target_size) -> torch.Tensor:
-    """The label map `(*target_size)` of one image, `CLASSES_PER_CHUNK` classes at a time with a running maximum
-    (ties to the lowest class, as `argmax`)."""
+    """The label map `(*target_size)` of one image: the classes scored `CLASSES_PER_CHUNK` at a time, each class
+    folded into a running maximum (ties to the lowest class, as `argmax`; a reduction over the class axis is several
+    times slower on CPU)."""
+    offsets = offsets if bool(offsets.any()) else None
     best_scores = torch.full(tuple(target_size), -torch.inf, device=window_logits.device)
     labels = torch.zeros(tuple(target_size), dtype=torch.long, device=window_logits.device)
+    improved = torch.empty(tuple(target_size), dtype=torch.bool, device=window_logits.device)
     for first in range(0, window_logits.shape[1], CLASSES_PER_CHUNK):
         chunk = slice(first, first + CLASSES_PER_CHUNK)
-        scores = calibrated_scores(window_logits[:, chunk], windows, image_size, crop, offsets[chunk], target_size)
-        chunk_best, chunk_labels = scores.max(dim=0)
-        better = chunk_best > best_scores
-        best_scores = torch.where(better, chunk_best, best_scores)
-        labels = torch.where(better, chunk_labels + first, labels)
+        chunk_offsets = offsets[chunk] if offsets is not None else None
+        scores = calibrated_scores(window_logits[:, chunk], windows, image_size, crop, chunk_offsets, target_size)
+        for index, class_scores in enumerate(scores, start=first):
+            torch.gt(class_scores, best_scores, out=improved)
+            torch.maximum(best_scores, class_scores, out=best_scores)
+            labels.masked_fill_(improved, index)
     return labels
 
 

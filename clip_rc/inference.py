@@ -99,7 +99,9 @@ def encode_class_names(
             "(or tokenizer) folder."
         )
     templates = list(templates) if templates else list(model.config.prompt_templates)
-    prompts = CLIPRCProcessor(image_processor, tokenizer).tokenize_class_names(list(class_names), templates, return_tensors="pt")
+    prompts = CLIPRCProcessor(image_processor, tokenizer).tokenize_class_names(
+        list(class_names), templates, return_tensors="pt"
+    )
     device = model.class_embeddings.device
     return model.clip_rc.encode_class_prompts(prompts["input_ids"].to(device), prompts["attention_mask"].to(device))
 
@@ -131,5 +133,7 @@ def segment_images(
 def _image_size(image: Any) -> tuple[int, int]:
     """`(height, width)` of a PIL image; other inputs need explicit target sizes (their channel axis is ambiguous)."""
     if not isinstance(image, PIL.Image.Image):
-        raise ValueError(f"Pass target_sizes for inputs of type {type(image).__name__} (only PIL images carry a size).")
+        raise ValueError(
+            f"Pass target_sizes for inputs of type {type(image).__name__} (only PIL images carry a size)."
+        )
     return image.height, image.width

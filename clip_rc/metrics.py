@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 
-LabelMaps = Union[torch.Tensor, np.ndarray]
+LabelMaps = torch.Tensor | np.ndarray
 
 # Keys of the totals, in the order they are stacked for the cross-process reduction.
 _TOTAL_KEYS = ("total_area_intersect", "total_area_union", "total_area_pred_label", "total_area_label")

@@ -1,5 +1,6 @@
 """PyTorch CLIP-RC: CLIP with deep visual prompts, a Region-Level Bridge and a region-alignment decoder."""
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -8,7 +9,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import CLIPModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.dynamic_module_utils import custom_object_save
@@ -28,6 +28,8 @@ from transformers.utils.generic import TransformersKwargs, can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_clip_rc import CLIPRCConfig, check_class_names
+from .fused_ops import attention_with_dropout, fast_dropout, upsampled_mask_losses
+from .image_processing_clip_rc import CLIPRCImageProcessor, sliding_windows
 
 
 logger = logging.get_logger(__name__)
@@ -176,7 +178,9 @@ class CLIPRCVisionEmbeddings(nn.Module):
         patch_positions = positions[1:].reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
         # Bilinear resizing to the same size is the identity, so the training resolution needs no branch (a branch on
         # the grid size would not trace with symbolic sizes).
-        patch_positions = F.interpolate(patch_positions, size=(grid_height, grid_width), mode="bilinear", align_corners=False)
+        patch_positions = F.interpolate(
+            patch_positions, size=(grid_height, grid_width), mode="bilinear", align_corners=False
+        )
         patch_positions = patch_positions.flatten(2).transpose(1, 2)
         # The reference (after ZegCLIP/DenseCLIP) adds class_embedding to the class position row, so the class token
         # enters as 2 * class_embedding + position[0]; trained checkpoints depend on it.
@@ -291,13 +295,39 @@ class CLIPRCCrossAttention(nn.Module):
         self.v = nn.Linear(hidden_size, hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`queries` (batch, num_queries, hidden), `memory` (batch, num_keys, hidden) -> (batch, num_queries, hidden)
-        and, with eager attention, the attention probabilities (batch, heads, num_queries, num_keys)."""
-        batch_size, num_queries, hidden_size = queries.shape
-        query_states = self.q(queries).view(batch_size, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
+    def _uses_lean_dropout_attention(self, query_states: torch.Tensor) -> bool:
+        """Training with attention dropout on CPU through SDPA, whose CPU kernels would materialise the attention
+        maps for the dropout: [`~fused_ops.attention_with_dropout`] computes the same a block at a time instead."""
+        return (
+            self.training
+            and self.dropout > 0
+            and query_states.device.type == "cpu"
+            and self.config._attn_implementation == "sdpa"
+            and torch.is_grad_enabled()
+        )
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value states `(batch, heads, num_keys, head_dim)` of `memory` (batch, num_keys, hidden)."""
+        batch_size = memory.shape[0]
         key_states = self.k(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
         value_states = self.v(memory).view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        return key_states, value_states
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        memory: torch.Tensor,
+        memory_states: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`queries` (batch, num_queries, hidden), `memory` (batch, num_keys, hidden) -> (batch, num_queries, hidden)
+        and, with eager attention, the attention probabilities (batch, heads, num_queries, num_keys).
+        `memory_states`: `project_memory(memory)`, when several calls share it."""
+        batch_size, num_queries, hidden_size = queries.shape
+        query_states = self.q(queries).view(batch_size, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
+        key_states, value_states = memory_states if memory_states is not None else self.project_memory(memory)
+        if self._uses_lean_dropout_attention(query_states):
+            attended = attention_with_dropout(query_states, key_states, value_states, self.dropout, self.scale)
+            return self.proj(attended.transpose(1, 2).reshape(batch_size, num_queries, hidden_size)), None
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -313,13 +343,24 @@ class CLIPRCCrossAttention(nn.Module):
         return self.proj(attended.reshape(batch_size, num_queries, hidden_size)), attention_weights
 
 
+class CLIPRCDropout(nn.Dropout):
+    """`nn.Dropout` whose CPU training masks come from [`~fused_ops.fast_dropout`] (several times faster than
+    `bernoulli_`, redrawn in the backward pass instead of kept)."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return fast_dropout(inputs, self.p, self.training)
+
+
+# Queries per chunk of a decoder layer run without autograd (see `CLIPRCDecoderLayer.forward`).
+DECODER_QUERIES_PER_CHUNK = 1024
+
+
 class CLIPRCDecoderLayer(GradientCheckpointingLayer):
     """
     A post-norm transformer decoder layer without self-attention: cross-attention, then a ReLU feed-forward.
 
-    With gradient checkpointing enabled it keeps only its inputs for the backward pass: in training, with attention
-    dropout, CPU attention materialises the (heads, queries, keys) maps of 16 x C queries, the largest activations
-    of the model (the recomputation replays the same dropout masks).
+    With gradient checkpointing enabled it keeps only its inputs for the backward pass (its attention and 4x wide
+    feed-forward activations of 16 x C queries are recomputed, replaying the same dropout masks).
     """
 
     def __init__(self, config: CLIPRCConfig):
@@ -330,12 +371,31 @@ class CLIPRCDecoderLayer(GradientCheckpointingLayer):
         self.linear2 = nn.Linear(config.decoder_intermediate_size, hidden_size)
         self.norm2 = nn.LayerNorm(hidden_size)
         self.norm3 = nn.LayerNorm(hidden_size)
-        self.dropout = nn.Dropout(config.decoder_dropout)
+        self.dropout = CLIPRCDropout(config.decoder_dropout)
 
     def forward(self, hidden_states: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        attended, _ = self.multihead_attn(hidden_states, memory)
+        """`hidden_states` (batch, num_queries, hidden) attend to `memory` (batch, num_keys, hidden). Without autograd,
+        many queries go through in chunks of `DECODER_QUERIES_PER_CHUNK` sharing the memory's key and value states:
+        each query is independent of the others given the memory, and a chunk's intermediates (the 4x wide
+        feed-forward activations of 16 x C queries) stay in the processor's caches."""
+        # Traced graphs (torch.export, ONNX) take one path, so that they accept any number of classes.
+        if (
+            torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or hidden_states.shape[1] <= DECODER_QUERIES_PER_CHUNK
+        ):
+            return self._forward_queries(hidden_states, memory)
+        memory_states = self.multihead_attn.project_memory(memory)
+        outputs = torch.empty_like(hidden_states)
+        for start in range(0, hidden_states.shape[1], DECODER_QUERIES_PER_CHUNK):
+            chunk = slice(start, start + DECODER_QUERIES_PER_CHUNK)
+            outputs[:, chunk] = self._forward_queries(hidden_states[:, chunk], memory, memory_states)
+        return outputs
+
+    def _forward_queries(self, hidden_states, memory, memory_states=None) -> torch.Tensor:
+        attended, _ = self.multihead_attn(hidden_states, memory, memory_states)
         hidden_states = self.norm2(hidden_states + self.dropout(attended))
-        feed_forward = self.linear2(self.dropout(F.relu(self.linear1(hidden_states))))
+        feed_forward = self.linear2(self.dropout(F.relu(self.linear1(hidden_states), inplace=True)))
         return self.norm3(hidden_states + self.dropout(feed_forward))
 
 
@@ -365,7 +425,8 @@ class CLIPRCDecoderOutput(ModelOutput):
     """
     Args:
         logits (`(B, C, h, w)`): mask logits averaged over the region copies of each class.
-        region_text_queries (`(B, R*C, 2E)`): the decoder's input queries, region-major (index r*C + c).
+        region_text_queries (`(B, R*C, 2E)`): the decoder's input queries before `q_proj`, region-major (index
+            r*C + c); with the recovery branch.
         recovered_queries (`(B, R*C, 2E)`), recovered_pixels (`(B, h*w, E)`): recovery-branch outputs (training).
     """
 
@@ -400,41 +461,28 @@ class CLIPRCDecodeHead(nn.Module):
             text_embeds (`torch.FloatTensor` of shape `(C, E)`): normalised class embeddings.
             compute_recovery: also run the recovery branch (needed by the recovery loss).
         """
-        global_embeds = image_features.image_embeds
-        batch_size, embed_dim, grid_height, grid_width = image_features.patch_embeds.shape
-        num_classes = text_embeds.shape[0]
-        patch_tokens = image_features.patch_embeds.flatten(2).transpose(1, 2)
-        region_tokens = image_features.region_embeds.flatten(2).transpose(1, 2)
-        num_regions = region_tokens.shape[1]
-        text_embeds = text_embeds.to(global_embeds.dtype)
+        # The head computes in its weights' dtype (autocast still lowers its matrix products), whatever the image
+        # tower's output dtype.
+        dtype = self.q_proj.weight.dtype
+        global_embeds = image_features.image_embeds.to(dtype)
+        batch_size, _, grid_height, grid_width = image_features.patch_embeds.shape
+        region_embeds = image_features.region_embeds.to(dtype)
+        # A fresh copy (C x E, small): matmul kernels round differently on unaligned memory, such as a buffer read from
+        # a safetensors file, and the logits must not depend on where the caller's tensor lives.
+        text_embeds = text_embeds.to(dtype, copy=True)
 
-        # Region alignment: query (r, c) = [(region_r + global) * text_c, text_c], flattened region-major.
-        region_context = (region_tokens + global_embeds[:, None, :])[:, :, None, :]
-        region_text = region_context * text_embeds[None, None]
-        text_copies = text_embeds.expand(batch_size, num_regions, num_classes, embed_dim)
-        region_text_queries = torch.cat([region_text, text_copies], dim=-1).reshape(batch_size, -1, 2 * embed_dim)
+        queries, region_text = self._region_text_queries(region_embeds, global_embeds, text_embeds)
+        region_text_queries = None
+        if compute_recovery:  # the recovery loss's target: the unprojected queries
+            text_copies = text_embeds.expand(*region_text.shape[:3], text_embeds.shape[-1])
+            region_text_queries = torch.cat([region_text, text_copies], dim=-1).flatten(1, 2)
 
-        region_map = F.interpolate(
-            image_features.region_embeds, size=(grid_height, grid_width), mode="bilinear", align_corners=False
-        )
-        pixel_inputs = torch.cat(
-            [
-                region_map.flatten(2).transpose(1, 2),
-                global_embeds[:, None, :].expand(-1, grid_height * grid_width, -1),
-                patch_tokens,
-            ],
-            dim=-1,
-        )
-
-        queries = self.q_proj(region_text_queries)
-        pixels = self.lateral_proj(pixel_inputs)
+        pixels = self.lateral_proj(self._pixel_inputs(image_features, region_embeds, global_embeds, dtype))
         for query_layer, pixel_layer in zip(self.decoder_q, self.decoder_v):
             queries, pixels = query_layer(queries, pixels), pixel_layer(pixels, queries)
 
-        # Averaging the R region copies of a class's mask equals one product with the averaged query (linearity).
-        class_queries = queries.view(batch_size, num_regions, num_classes, -1).mean(dim=1)
-        logits = (class_queries @ pixels.transpose(1, 2)).view(batch_size, num_classes, grid_height, grid_width)
-
+        logits = self._class_logits(queries, pixels, num_regions=region_text.shape[1])
+        logits = logits.view(batch_size, text_embeds.shape[0], grid_height, grid_width)
         recovered_queries = recovered_pixels = None
         if compute_recovery:
             recovered_queries, recovered_pixels = self.recovery(queries, pixels)
@@ -445,68 +493,55 @@ class CLIPRCDecodeHead(nn.Module):
             recovered_pixels=recovered_pixels,
         )
 
+    def _region_text_queries(
+        self, region_embeds: torch.Tensor, global_embeds: torch.Tensor, text_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Query (r, c) = q_proj([(region_r + global) * text_c, text_c]), flattened region-major: the queries
+        `(B, R*C, D)` and the region-text products `(B, R, C, E)`. The text half of the projection is the same for
+        every region: computed once per class, not per query.
+        """
+        embed_dim = text_embeds.shape[-1]
+        region_tokens = region_embeds.flatten(2).transpose(1, 2)
+        region_context = (region_tokens + global_embeds[:, None, :])[:, :, None, :]
+        region_text = region_context * text_embeds[None, None]
+        region_weight, text_weight = self.q_proj.weight.split(embed_dim, dim=1)
+        text_projection = F.linear(text_embeds, text_weight, self.q_proj.bias)
+        queries = F.linear(region_text, region_weight) + text_projection
+        return queries.flatten(1, 2), region_text
 
-def mask_losses(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, alpha: float, gamma: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """
-    Sigmoid focal and dice losses of every (image, class) mask against one-hot targets, without building the
-    one-hot tensor: every pixel first counts as a negative of every class, then the true class's positive term
-    replaces its negative one at labelled pixels. Ignored pixels stay negatives of every class, as in the reference.
+    @staticmethod
+    def _pixel_inputs(
+        image_features: CLIPRCModelOutput, region_embeds: torch.Tensor, global_embeds: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Each pixel token's decoder input `(B, h*w, 3E)`: its region's embedding (bilinearly upsampled), the global
+        embedding and its own patch embedding."""
+        grid_height, grid_width = image_features.patch_embeds.shape[-2:]
+        patch_tokens = image_features.patch_embeds.flatten(2).transpose(1, 2).to(dtype)
+        region_map = F.interpolate(region_embeds, size=(grid_height, grid_width), mode="bilinear", align_corners=False)
+        global_tokens = global_embeds[:, None, :].expand(-1, grid_height * grid_width, -1)
+        return torch.cat([region_map.flatten(2).transpose(1, 2), global_tokens, patch_tokens], dim=-1)
 
-    Args:
-        logits (`(B, C, P)`): mask logits at the label resolution, flattened.
-        targets (`(B, P)`): class ids in `[0, C)` or `ignore_index`.
-    Returns:
-        `(focal, dice, present)`, each `(B, C)`: the focal loss averaged over pixels, the dice loss
-        `1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1)`, and whether the class has pixels in the image.
-    """
-    batch_size, num_classes, num_pixels = logits.shape
-    valid = targets != ignore_index
-    class_index = targets.masked_fill(~valid, 0)
-    positive_weight, negative_weight = (alpha, 1 - alpha) if alpha >= 0 else (1.0, 1.0)
+    @staticmethod
+    def _class_logits(queries: torch.Tensor, pixels: torch.Tensor, num_regions: int) -> torch.Tensor:
+        """
+        Class-pixel logits `(B, C, h*w)` from the decoded queries `(B, R*C, D)` and pixels `(B, h*w, D)`.
 
-    probabilities = logits.sigmoid()
-    # BCE-with-logits against 0 is softplus(x), against 1 softplus(-x).
-    negative_terms = negative_weight * probabilities.pow(gamma) * F.softplus(logits)
-    true_logits = logits.gather(1, class_index[:, None]).squeeze(1)
-    true_probabilities = true_logits.sigmoid()
-    true_positive_terms = positive_weight * (1 - true_probabilities).pow(gamma) * F.softplus(-true_logits)
-    true_negative_terms = negative_weight * true_probabilities.pow(gamma) * F.softplus(true_logits)
-
-    def per_class_sum(values: torch.Tensor) -> torch.Tensor:
-        totals = values.new_zeros(batch_size, num_classes)
-        return totals.scatter_add(1, class_index, values * valid)
-
-    focal = (negative_terms.sum(-1) + per_class_sum(true_positive_terms - true_negative_terms)) / num_pixels
-    pixel_counts = per_class_sum(torch.ones_like(true_logits))
-    intersection = per_class_sum(true_probabilities)
-    dice = 1 - (2 * intersection + 1) / (probabilities.sum(-1) + pixel_counts + 1)
-    return focal, dice, pixel_counts > 0
-
-
-# Full-resolution logits per class chunk of the training loss (16 MB in fp32): with many classes, the upsampled
-# logits and the loss's intermediates of one chunk at a time are alive, recomputed in the backward pass.
-LOSS_ELEMENTS_PER_CHUNK = 2**22
-
-
-def upsampled_mask_losses(
-    logits: torch.Tensor, targets: torch.Tensor, first_class: int, ignore_index: int, alpha: float, gamma: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """
-    [`mask_losses`] of the head channels `first_class ... first_class + c - 1` on their logits upsampled
-    (bilinear) to the label size. Pixels of the other channels are negatives of these, as they are in the loss over
-    all channels, so the losses of consecutive channel ranges concatenate to those of every channel at once.
-
-    Args:
-        logits (`(B, c, h, w)`): mask logits of the channel range at the patch-grid resolution.
-        targets (`(B, H, W)`): head channel ids of every channel, or `ignore_index`.
-    """
-    num_classes = logits.shape[1]
-    mask_logits = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
-    in_range = (targets != ignore_index) & (targets >= first_class) & (targets < first_class + num_classes)
-    range_targets = torch.where(in_range, targets - first_class, ignore_index)
-    return mask_losses(mask_logits.flatten(2), range_targets.flatten(1), ignore_index, alpha, gamma)
+        Averaging the R region copies of a class's mask equals one product with the averaged query (linearity).
+        The product runs in (at least) fp32 also under autocast (1 GFLOP at 1000 classes): with logits rounded to
+        bf16's 8 bits, which classes reach the sigmoid's saturation, and so the label maps, would change.
+        """
+        batch_size = queries.shape[0]
+        class_queries = queries.view(batch_size, num_regions, -1, queries.shape[-1]).mean(dim=1)
+        device_type = pixels.device.type
+        full_precision = (
+            torch.autocast(device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else contextlib.nullcontext()
+        )
+        with full_precision:
+            dtype = torch.promote_types(pixels.dtype, torch.float32)
+            return class_queries.to(dtype) @ pixels.to(dtype).transpose(1, 2)
 
 
 def _global_mean_count(count: torch.Tensor) -> float:
@@ -615,7 +650,10 @@ class CLIPRCModel(CLIPRCPreTrainedModel):
 
     @can_return_tuple
     def get_text_features(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         """CLIP's text tower on `input_ids` (N, L): `last_hidden_state` and `pooler_output` (N, E), the projected (not
         normalised) end-of-text token, as transformers' `CLIPModel.get_text_features` returns them."""
@@ -712,7 +750,10 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
         """`PreTrainedModel.save_pretrained`, plus the pipelines module that `config.custom_pipelines` names, and an
         `auto_map` entry for `AutoModel` (the base model loads from the same weights)."""
         if getattr(self, "_auto_class", None) is not None:
-            self.config.auto_map = {**getattr(self.config, "auto_map", {}), "AutoModel": "modeling_clip_rc.CLIPRCModel"}
+            self.config.auto_map = {
+                **getattr(self.config, "auto_map", {}),
+                "AutoModel": "modeling_clip_rc.CLIPRCModel",
+            }
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True) and getattr(self, "_auto_class", None) is not None:
             from .pipelines import CLIPRCSegmentationPipeline
@@ -844,24 +885,14 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
 
         Args:
             logits (`(B, C, h, w)`): mask logits at the patch-grid resolution; the losses see them upsampled
-                (bilinear) to the label size, a chunk of classes at a time (see `LOSS_ELEMENTS_PER_CHUNK`).
+                (bilinear) to the label size, a few classes at a time (see [`~fused_ops.upsampled_mask_losses`]).
             targets (`(B, H, W)`): head channel ids, `ignore_index` for pixels that supervise nothing (they count
                 as negatives of every class in the focal loss).
         """
         config = self.config
-        batch_size, num_classes = logits.shape[:2]
-        classes_per_chunk = max(1, LOSS_ELEMENTS_PER_CHUNK // (batch_size * targets[0].numel()))
-        # Recomputing a chunk in the backward pass only pays when there are several chunks to keep apart.
-        recompute = num_classes > classes_per_chunk and torch.is_grad_enabled() and logits.requires_grad
-        chunk_losses = []
-        for first in range(0, num_classes, classes_per_chunk):
-            chunk_logits = logits[:, first : first + classes_per_chunk]
-            arguments = (chunk_logits, targets, first, config.ignore_index, config.focal_alpha, config.focal_gamma)
-            if recompute:
-                chunk_losses.append(checkpoint(upsampled_mask_losses, *arguments, use_reentrant=False))
-            else:
-                chunk_losses.append(upsampled_mask_losses(*arguments))
-        focal, dice, present = (torch.cat(parts, dim=1) for parts in zip(*chunk_losses))
+        focal, dice, present = upsampled_mask_losses(
+            logits, targets, config.ignore_index, config.focal_alpha, config.focal_gamma
+        )
         num_masks = _global_mean_count(present.sum().to(focal.dtype))
         focal = focal.sum() / num_masks
         dice = (dice * present).sum() / num_masks
@@ -950,6 +981,41 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
             attentions=image_features.attentions,
         )
 
+    @torch.no_grad()
+    def sliding_window_labels(
+        self,
+        pixel_values: torch.FloatTensor,
+        text_embeds: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.LongTensor:
+        """
+        Label maps `(B, H, W)` of images already resized and normalised, `(B, 3, H, W)`, by the reference's test
+        protocol, for callers that hold tensors rather than images: the sliding windows [`CLIPRCImageProcessor`]
+        cuts with this config's crop and stride, the model on every window at once, then
+        [`~CLIPRCImageProcessor.post_process_semantic_segmentation`]. Images as files or arrays go through the
+        processor instead, which also resizes and normalises them. Classes as in [`~CLIPRCForSemanticSegmentation.forward`].
+        """
+        crop, stride = self.config.crop_size, self.config.sliding_window_stride
+        height, width = pixel_values.shape[-2:]
+        # Padded bottom / right with zeros (the mean colour after normalisation), as the processor pads.
+        canvas = F.pad(pixel_values, (0, max(crop - width, 0), 0, max(crop - height, 0)))
+        windows = [
+            canvas[:, :, top:bottom, left:right]
+            for top, bottom, left, right in sliding_windows(height, width, crop, stride)
+        ]
+        crops = torch.stack(windows, dim=1).flatten(0, 1)  # image-major, the processor's order
+        image_sizes = torch.tensor([[height, width]]).expand(pixel_values.shape[0], 2)
+        outputs = self(
+            pixel_values=crops,
+            text_embeds=text_embeds,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            image_sizes=image_sizes,
+        )
+        image_processor = CLIPRCImageProcessor.from_model_config(self.config)
+        return torch.stack(image_processor.post_process_semantic_segmentation(outputs))
+
     # ---- initialisation from CLIP ----------------------------------------------------------------------------
 
     @classmethod
@@ -992,7 +1058,9 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
             region_tokens.copy_(region_init.expand_as(region_tokens))
         if processor is not None:
             prompts = processor.tokenize_class_names(config.class_names, config.prompt_templates, return_tensors="pt")
-            model.set_class_embeddings(model.clip_rc.encode_class_prompts(prompts["input_ids"], prompts["attention_mask"]))
+            model.set_class_embeddings(
+                model.clip_rc.encode_class_prompts(prompts["input_ids"], prompts["attention_mask"])
+            )
         else:
             logger.info("No processor given to from_clip: class embeddings are not set; call set_class_embeddings().")
         return model
@@ -1032,7 +1100,9 @@ def resize_position_table(positions: torch.Tensor, grid_size: int) -> torch.Tens
     if source_grid == grid_size:
         return positions
     patch_positions = positions[1:].reshape(1, source_grid, source_grid, -1).permute(0, 3, 1, 2)
-    patch_positions = F.interpolate(patch_positions.float(), size=(grid_size, grid_size), mode="bilinear", align_corners=False)
+    patch_positions = F.interpolate(
+        patch_positions.float(), size=(grid_size, grid_size), mode="bilinear", align_corners=False
+    )
     patch_positions = patch_positions.flatten(2).transpose(1, 2)[0].to(positions.dtype)
     return torch.cat([positions[:1], patch_positions], dim=0)
 

@@ -80,12 +80,16 @@ class CLIPRCSegmentationPipeline(Pipeline):
             self.image_processor = CLIPRCImageProcessor.from_model_config(self.model.config)
         self._text_cache: dict[tuple, torch.Tensor] = {}
 
-    def _sanitize_parameters(self, candidate_labels=None, templates=None, hypothesis_template=None, timeout=None, **kwargs):
+    def _sanitize_parameters(
+        self, candidate_labels=None, templates=None, hypothesis_template=None, timeout=None, **kwargs
+    ):
         if kwargs:
             raise TypeError(f"Unexpected arguments for a CLIP-RC segmentation pipeline: {sorted(kwargs)}.")
         forward_params, postprocess_params = {}, {}
         if candidate_labels is not None:
-            forward_params["candidate_labels"] = postprocess_params["candidate_labels"] = as_label_list(candidate_labels)
+            forward_params["candidate_labels"] = postprocess_params["candidate_labels"] = as_label_list(
+                candidate_labels
+            )
         templates = templates if templates is not None else hypothesis_template
         if templates is not None:
             forward_params["templates"] = list(check_templates(templates))
@@ -110,7 +114,9 @@ class CLIPRCSegmentationPipeline(Pipeline):
                     "candidate_labels need the model's tokenizer, and none was found beside the model: pass "
                     "tokenizer= (or processor=) to pipeline(...)."
                 )
-            prompts = CLIPRCProcessor(self.image_processor, self.tokenizer).tokenize_class_names(labels, templates, return_tensors="pt")
+            prompts = CLIPRCProcessor(self.image_processor, self.tokenizer).tokenize_class_names(
+                labels, templates, return_tensors="pt"
+            )
             self._text_cache[key] = self.model.clip_rc.encode_class_prompts(
                 prompts["input_ids"].to(self.device), prompts["attention_mask"].to(self.device)
             )
@@ -119,11 +125,15 @@ class CLIPRCSegmentationPipeline(Pipeline):
     def _forward(self, model_inputs, candidate_labels=None, templates=None):
         text_embeds = self._class_embeddings(candidate_labels, templates) if candidate_labels is not None else None
         image_sizes = model_inputs["image_sizes"]
-        outputs = self.model(pixel_values=model_inputs["pixel_values"], image_sizes=image_sizes, text_embeds=text_embeds)
+        outputs = self.model(
+            pixel_values=model_inputs["pixel_values"], image_sizes=image_sizes, text_embeds=text_embeds
+        )
         # One output per image, so that batches split back into images.
         window_counts = self.image_processor.windows_per_image(image_sizes)
         per_image = [
-            type(outputs)(logits=logits, image_sizes=image_sizes[index : index + 1], score_offsets=outputs.score_offsets)
+            type(outputs)(
+                logits=logits, image_sizes=image_sizes[index : index + 1], score_offsets=outputs.score_offsets
+            )
             for index, logits in enumerate(outputs.logits.split(window_counts))
         ]
         return {"outputs": per_image, "target_size": model_inputs["target_size"]}

@@ -1,14 +1,13 @@
 """The reference's six recipes (SPEC §4-§6) in one table: what a preset sets in the model's configuration and in the
 training script.
 
-`preset_config("voc-inductive")` is the configuration of a recipe at full size (CLIP ViT-B/16); the training script
+`CLIPRCConfig.from_preset("voc-inductive")` is the configuration of a recipe at full size (CLIP ViT-B/16); the training script
 takes iterations, batch size and the optimiser schedule from the same [`Recipe`].
 """
 
 from dataclasses import dataclass
 
 from .class_sets import get_benchmark
-from .configuration_clip_rc import CLIPRCConfig
 
 
 __all__ = [
@@ -19,7 +18,7 @@ __all__ = [
     "Recipe",
     "WARMUP_ITERATIONS",
     "WEIGHT_DECAY",
-    "preset_config",
+    "preset_values",
     "train_scale",
     "window_stride",
 ]
@@ -71,18 +70,18 @@ def train_scale(crop_size: int) -> tuple[int, int]:
     return tuple(side * crop_size // _REFERENCE_CROP for side in _REFERENCE_TRAIN_SCALE)
 
 
-def preset_config(name: str, **overrides) -> CLIPRCConfig:
+def preset_values(name: str) -> dict:
     """
-    The configuration of one of the reference's six recipes, full size (CLIP ViT-B/16): `voc-inductive`,
-    `voc-transductive`, `voc-fully`, `coco-stuff-inductive`, `coco-stuff-transductive`, `coco-stuff-fully`. Keyword
-    arguments override any field (e.g. smaller towers for tests).
+    The configuration fields one of the reference's six recipes sets (`voc-inductive`, `voc-transductive`,
+    `voc-fully`, `coco-stuff-inductive`, `coco-stuff-transductive`, `coco-stuff-fully`): classes, zero-shot split,
+    setting, prompt count, loss weights and templates. [`CLIPRCConfig.from_preset`] builds the configuration.
     """
     recipe = RECIPES.get(name)
     if recipe is None:
         raise ValueError(f"Unknown preset {name!r}; allowed presets: {', '.join(PRESETS)}.")
     benchmark = get_benchmark(recipe.benchmark)
     mask_weight, dice_weight, recovery_weight = recipe.loss_weights
-    values = {
+    return {
         "id2label": dict(enumerate(benchmark.class_names)),
         # Fully supervised models still report seen / unseen figures on the benchmark's zero-shot split.
         "seen_class_ids": list(benchmark.seen_class_ids),
@@ -94,4 +93,3 @@ def preset_config(name: str, **overrides) -> CLIPRCConfig:
         "recovery_loss_weight": recovery_weight,
         "prompt_templates": list(benchmark.templates),
     }
-    return CLIPRCConfig(**{**values, **overrides})

@@ -53,7 +53,10 @@ class CLIPRCProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, **kwargs)
 
     def __call__(
-        self, images: ImageInput | None = None, text: str | list[str] | None = None, **kwargs: Unpack[CLIPRCProcessorKwargs]
+        self,
+        images: ImageInput | None = None,
+        text: str | list[str] | None = None,
+        **kwargs: Unpack[CLIPRCProcessorKwargs],
     ) -> BatchFeature:
         """
         Prepare images and / or text prompts for the model.
@@ -112,7 +115,9 @@ class CLIPRCProcessor(ProcessorMixin):
         # Tokenizers without a configured limit report a huge sentinel value.
         if model_max_length is not None and model_max_length < 10_000:
             _check_prompt_lengths(encoding["attention_mask"], prompts, model_max_length)
-            encoding = self.tokenizer.pad(encoding, padding="max_length", max_length=model_max_length, return_tensors="np")
+            encoding = self.tokenizer.pad(
+                encoding, padding="max_length", max_length=model_max_length, return_tensors="np"
+            )
         shape = (len(class_names), len(templates), -1)
         output = {key: encoding[key].reshape(shape) for key in ("input_ids", "attention_mask")}
         return_tensors = TensorType(return_tensors) if return_tensors is not None else None

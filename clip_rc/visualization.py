@@ -15,7 +15,14 @@ import torch
 from .class_sets import BENCHMARKS, get_benchmark
 
 
-__all__ = ["class_palette", "colorize_label_map", "draw_legend", "overlay_label_map", "save_iou_plot", "save_label_map"]
+__all__ = [
+    "class_palette",
+    "colorize_label_map",
+    "draw_legend",
+    "overlay_label_map",
+    "save_iou_plot",
+    "save_label_map",
+]
 
 
 def _generated_palette(num_classes: int) -> list[tuple[int, int, int]]:

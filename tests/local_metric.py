@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 LOCAL_METRIC = textwrap.dedent(
-    '''
+    """
     import datasets
     import evaluate
     import numpy as np
@@ -44,7 +44,7 @@ LOCAL_METRIC = textwrap.dedent(
                 "per_category_iou": iou,
                 "per_category_accuracy": accuracy,
             }}
-    '''
+    """
 )
 
 

@@ -160,7 +160,9 @@ def _cross_attention(sd, prefix, queries, memory, num_heads):
 
 def _decoder_layer(sd, prefix, tgt, memory, num_heads):
     """TPN_DecoderLayer: cross-attention then ReLU FFN, post-norm (norm2, norm3); self_attn / norm1 unused."""
-    tgt = _layer_norm(tgt + _cross_attention(sd, prefix + "multihead_attn.", tgt, memory, num_heads), sd, prefix + "norm2.")
+    tgt = _layer_norm(
+        tgt + _cross_attention(sd, prefix + "multihead_attn.", tgt, memory, num_heads), sd, prefix + "norm2."
+    )
     ffn = _linear(torch.relu(_linear(tgt, sd, prefix + "linear1.")), sd, prefix + "linear2.")
     return _layer_norm(tgt + ffn, sd, prefix + "norm3.")
 
@@ -202,7 +204,10 @@ def reference_decode_head(sd, global_embedding, patch_map, region_map, text_embe
     for r in range(1, R):
         fused = fused + attn[:, r * C : (r + 1) * C]
     fused = fused / R
-    out = {"mask_logits": fused, "pred_masks": F.interpolate(fused, size=(image_size, image_size), mode="bilinear", align_corners=False)}
+    out = {
+        "mask_logits": fused,
+        "pred_masks": F.interpolate(fused, size=(image_size, image_size), mode="bilinear", align_corners=False),
+    }
     if training:
         rec = prefix + "recovery_decoder."
         q_rec = _linear(q, sd, rec + "linear_q_in.")
@@ -284,9 +289,7 @@ def reference_targets(labels, base_class, both_class, setting, pred_masks=None, 
     return mapped
 
 
-def reference_losses(
-    out, targets, mask_weight, dice_weight, recovery_weight, alpha=0.25, gamma=2.0, ignore_index=255
-):
+def reference_losses(out, targets, mask_weight, dice_weight, recovery_weight, alpha=0.25, gamma=2.0, ignore_index=255):
     """
     SegLoss + SegPlusCriterion on head-channel targets (B, S, S): focal over every channel (ignored pixels are
     negatives), dice over the present classes, both divided by the number of (image, present class) pairs; L1 recovery.

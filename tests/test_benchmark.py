@@ -1,12 +1,19 @@
 """The speed benchmark runs end to end on a tiny configuration and writes valid JSON."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from clip_rc.commands.speed import run_benchmark
+from clip_rc.profiling import count_flops, random_preset_model
 
 
+@pytest.mark.slow
 def test_benchmark_writes_a_report(tmp_path, capsys):
     threads = torch.get_num_threads()
     path = tmp_path / "bench.json"
@@ -28,3 +35,66 @@ def test_benchmark_writes_a_report(tmp_path, capsys):
     assert report["matmul_peak_gflops"]["fp32"] > 0
     assert "inference-20" in capsys.readouterr().out
     assert torch.get_num_threads() == threads  # the measurement leaves the caller's thread count alone
+
+
+@pytest.mark.slow
+def test_report_gives_each_case_its_fraction_of_the_matmul_peak_and_the_machine(tmp_path, capsys):
+    report = run_benchmark(["--tiny", "--cases", "inference-20", "--dtypes", "fp32", "auto", "--batch_sizes", "1", "--runs", "1",
+                   "--warmup", "0", "--threads", "1"])  # fmt: skip
+    dtypes = [result["dtype"] for result in report["results"]]
+    # auto resolves to fp32 or bf16 on this machine, reported under the resolved name (once if it is fp32).
+    assert dtypes[0] == "fp32" and set(dtypes) <= {"fp32", "bf16"} and len(dtypes) == len(set(dtypes))
+    for result in report["results"]:
+        peak = report["matmul_peak_gflops"][result["dtype"]]
+        assert result["fraction_of_peak"] == pytest.approx(result["achieved_gflops"] / peak)
+    machine = report["machine"]
+    assert machine["threads"] == 1 and machine["torch"] == torch.__version__ and machine["cpu"]
+    output = capsys.readouterr().out
+    assert machine["cpu"] in output and "% peak" in output
+
+
+def test_flop_count_includes_cpu_attention_kernels():
+    query, key, value = (torch.randn(1, 2, length, 8, requires_grad=True) for length in (5, 7, 7))
+
+    def step():
+        torch.nn.functional.scaled_dot_product_attention(query, key, value).sum().backward()
+
+    forward = 4 * 2 * 5 * 7 * 8  # q k^T and p v, 2 FLOPs per multiply-add
+    assert count_flops(step) == forward + int(2.5 * forward)
+
+
+def test_unknown_cases_are_refused_naming_the_case(capsys):
+    with pytest.raises(SystemExit):
+        run_benchmark(["--tiny", "--cases", "inference-7"])
+    assert "inference-7" in capsys.readouterr().err
+
+
+def test_random_preset_models_keep_the_presets_share_of_unseen_classes():
+    voc = random_preset_model("voc-inductive", tiny=True)
+    assert voc.config.unseen_class_ids == [15, 16, 17, 18, 19] and voc.class_embeddings.shape == (20, 24)
+    open_vocabulary = random_preset_model("coco-stuff-inductive", 1000, tiny=True)
+    # COCO-Stuff holds out 15 of 171 classes: 88 of 1000, the last ones.
+    assert open_vocabulary.config.unseen_class_ids == list(range(912, 1000))
+    assert open_vocabulary.class_embeddings.shape == (1000, 24) and open_vocabulary.config.num_labels == 1000
+    fully = random_preset_model("coco-stuff-fully", 40, tiny=True)
+    # The fully supervised preset trains on every class and keeps the split only to report seen / unseen IoU.
+    assert fully.config.setting == "fully" and fully.config.unseen_class_ids == [36, 37, 38, 39]
+
+
+# The workplace's side-by-side harness (`../shared/reference-speed`, beside the checkout in CI) builds our side with
+# `CLIPRCConfig.from_preset`, `sliding_window_labels` and `model(pixel_values, text_embeds, labels)`.
+SHARED_HARNESS = Path(__file__).resolve().parents[2] / "shared" / "reference-speed" / "side_by_side.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["eval-1000", "train-156"])
+def test_the_shared_side_by_side_harness_runs_our_side(case):
+    if not SHARED_HARNESS.exists():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{SHARED_HARNESS} is missing: CI runs with ../shared beside the checkout.")
+        pytest.skip(f"{SHARED_HARNESS} is not beside this checkout.")
+    command = [sys.executable, str(SHARED_HARNESS), "--side", case, "new", "2"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    measured = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert measured["time"] > 0 and measured["rss_gb"] > 0

@@ -35,7 +35,9 @@ class CLIPRCImageProcessingTester(image_processing_common.ImageProcessingTester)
         and the calibration; the label maps then have the images' (resized) size."""
         logits = torch.randn(self.batch_size, self.num_labels, self.logits_size, self.logits_size)
         outputs = CLIPRCSemanticSegmenterOutput(
-            logits=logits, image_sizes=torch.tensor([[32, 32]] * self.batch_size), score_offsets=torch.zeros(self.num_labels)
+            logits=logits,
+            image_sizes=torch.tensor([[32, 32]] * self.batch_size),
+            score_offsets=torch.zeros(self.num_labels),
         )
         return {"outputs": outputs}, {"num_labels": self.num_labels, "height": 32, "width": 32}
 

@@ -4,7 +4,7 @@ import unittest
 
 from clip_rc import CLIPRCImageProcessor, CLIPRCProcessor
 
-from .tiny_tokenizer import build_tiny_clip_tokenizer
+from .random_clip import build_test_tokenizer
 from .transformers_suites import import_suite
 
 
@@ -26,4 +26,4 @@ class CLIPRCProcessorTest(processing_common.ProcessorTesterMixin, unittest.TestC
 
     @classmethod
     def _setup_tokenizer(cls):
-        return build_tiny_clip_tokenizer()
+        return build_test_tokenizer()

@@ -16,12 +16,16 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from .colour_block_data import make_segmentation_dataset
 from .conftest import tiny_config
-from .synthetic import make_segmentation_dataset
+from .random_clip import save_random_clip
 from .test_convert import write_checkpoint
 from .test_evaluation import save_model_folder
 from .test_training import TINY_OVERRIDES
-from .tiny_clip import save_tiny_clip
+
+
+# Every test here runs exports / installed commands in subprocesses: seconds each.
+pytestmark = pytest.mark.slow
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +35,7 @@ RETURNED_VALUE = re.compile(r"^(\{.*\}|\[.*\])$")
 
 def command_lines(root: Path) -> dict[str, tuple[list[str], list[str]]]:
     """Command -> (a command line that succeeds, one that fails), on tiny assets written under `root`."""
-    clip_dir = save_tiny_clip(root / "clip")
+    clip_dir = save_random_clip(root / "clip")
     model_dir = save_model_folder(root / "model", clip_dir)  # classes cat, dog, grass
     data_dir = make_segmentation_dataset(root / "data", num_train=2, num_validation=2, size=(40, 40))
     PIL.Image.fromarray(np.full((30, 40, 3), 90, np.uint8)).save(root / "photo.png")
@@ -41,33 +45,31 @@ def command_lines(root: Path) -> dict[str, tuple[list[str], list[str]]]:
     tiny_config().save_pretrained(root / "config")
     (root / "occupied").mkdir()
     (root / "occupied" / "notes.txt").write_text("a user's file")
-    train = ["--preset", "voc-inductive", "--clip_model_name_or_path", str(clip_dir), "--dataset", str(data_dir),
-             "--crop_size", "64", "--config_overrides", TINY_OVERRIDES, "--per_device_train_batch_size", "1",
-             "--max_steps", "1", "--checkpointing_steps", "0", "--no_final_evaluation"]  # fmt: skip
-    return {
-        "clip-rc-train": (
-            [*train, "--output_dir", str(root / "trained")],
-            [*train, "--output_dir", str(root / "occupied")],  # not empty: refused
-        ),
+    train = (
+        f"--preset voc-inductive --clip_model_name_or_path {clip_dir} --dataset {data_dir} --crop_size 64"
+        f" --config_overrides {TINY_OVERRIDES} --per_device_train_batch_size 1 --max_steps 1 --checkpointing_steps 0"
+        " --no_final_evaluation"
+    )
+    benchmark = "--tiny --cases inference-20 --dtypes fp32 --batch_sizes 1 --runs 1 --warmup 0 --threads 1"
+    command_lines = {
+        "clip-rc-train": (f"{train} --output_dir {root / 'trained'}", f"{train} --output_dir {root / 'occupied'}"),
         "clip-rc-eval": (
-            ["--model", str(model_dir), "--dataset", str(data_dir), "--output_dir", str(root / "eval"), "--no_progress"],
-            ["--model", str(root / "no-model"), "--dataset", str(data_dir), "--output_dir", str(root / "eval-fail")],
+            f"--model {model_dir} --dataset {data_dir} --output_dir {root / 'eval'} --no_progress",
+            f"--model {root / 'no-model'} --dataset {data_dir} --output_dir {root / 'eval-fail'}",
         ),
         "clip-rc-predict": (
-            ["--model", str(model_dir), str(root / "photo.png"), "--output_dir", str(root / "predictions")],
-            ["--model", str(model_dir), str(root / "no-photo.png"), "--output_dir", str(root / "predictions-fail")],
+            f"--model {model_dir} {root / 'photo.png'} --output_dir {root / 'predictions'}",
+            f"--model {model_dir} {root / 'no-photo.png'} --output_dir {root / 'predictions-fail'}",
         ),
         "clip-rc-convert": (
-            ["--checkpoint", str(checkpoint), "--config", str(root / "config"), "--output_dir", str(root / "converted")],
-            ["--checkpoint", str(truncated), "--config", str(root / "config"), "--output_dir", str(root / "failed")],
+            f"--checkpoint {checkpoint} --config {root / 'config'} --output_dir {root / 'converted'}",
+            f"--checkpoint {truncated} --config {root / 'config'} --output_dir {root / 'failed'}",
         ),
-        "clip-rc-flops": ([str(root / "config")], ["no-such-preset"]),
-        "clip-rc-benchmark": (
-            ["--tiny", "--cases", "inference-20", "--dtypes", "fp32", "--batch_sizes", "1", "--runs", "1", "--warmup",
-             "0", "--threads", "1"],
-            ["--tiny", "--cases", "no-such-case"],
-        ),  # fmt: skip
+        "clip-rc-flops": (f"{root / 'config'}", "no-such-preset"),
+        "clip-rc-benchmark": (benchmark, "--tiny --cases no-such-case"),
     }
+    # The train failure: a non-empty output folder is refused. Paths under pytest's tmp_path hold no spaces.
+    return {command: (success.split(), failure.split()) for command, (success, failure) in command_lines.items()}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +93,14 @@ def runs(tmp_path_factory) -> tuple[Path, dict[tuple[str, str], subprocess.Compl
     return root, results
 
 
-COMMANDS = ["clip-rc-train", "clip-rc-eval", "clip-rc-predict", "clip-rc-convert", "clip-rc-flops", "clip-rc-benchmark"]
+COMMANDS = [
+    "clip-rc-train",
+    "clip-rc-eval",
+    "clip-rc-predict",
+    "clip-rc-convert",
+    "clip-rc-flops",
+    "clip-rc-benchmark",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

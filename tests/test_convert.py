@@ -131,7 +131,10 @@ def mmcv_checkpoint(state_dict) -> dict:
     return {
         "meta": {"mmcv_version": "1.5.0", "CLASSES": ("cat", "dog", "grass"), "iter": 40000, "epoch": 1},
         "state_dict": state_dict,
-        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}}, "param_groups": [{"lr": 2e-5}]},
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
+            "param_groups": [{"lr": 2e-5}],
+        },
     }
 
 
@@ -167,7 +170,10 @@ def tiny_tokenizer():
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 62), ("<|endoftext|>", 63)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        tokenizer_object=backend,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
         unk_token="<unk>",
     )
 
@@ -233,7 +239,9 @@ def test_reference_tensors_land_where_the_spec_says(tmp_path):
         "decode_head.decoder_q.1.multihead_attn.k.bias": sd["decode_head.decoder_q.layers.1.multihead_attn.k.bias"],
         "decode_head.recovery.pixel_in.weight": sd["decode_head.recovery_decoder.linear_k_in.weight"],
         "decode_head.recovery.query_out.weight": sd["decode_head.recovery_decoder.linear_q_out.weight"],
-        "decode_head.recovery.pixel_layers.0.norm3.weight": sd["decode_head.recovery_decoder.decouple_v.0.norm3.weight"],
+        "decode_head.recovery.pixel_layers.0.norm3.weight": sd[
+            "decode_head.recovery_decoder.decouple_v.0.norm3.weight"
+        ],
     }
     for name, expected in pairs.items():
         assert torch.equal(state[name], expected), name
@@ -253,24 +261,47 @@ def test_unused_reference_weights_are_dropped_and_counted(caplog):
 def test_architecture_is_read_from_the_tensors():
     architecture = read_original_architecture(random_reference_state_dict())
     assert architecture["vision"] == {
-        "hidden_size": D, "num_hidden_layers": VISION_LAYERS, "intermediate_size": VISION_FFN, "patch_size": PATCH,
+        "hidden_size": D,
+        "num_hidden_layers": VISION_LAYERS,
+        "intermediate_size": VISION_FFN,
+        "patch_size": PATCH,
         "num_channels": 3,
     }
     assert architecture["text"] == {
-        "hidden_size": W, "num_hidden_layers": TEXT_LAYERS, "intermediate_size": TEXT_FFN, "vocab_size": VOCAB,
+        "hidden_size": W,
+        "num_hidden_layers": TEXT_LAYERS,
+        "intermediate_size": TEXT_FFN,
+        "vocab_size": VOCAB,
         "max_position_embeddings": CONTEXT,
     }
-    assert (architecture["crop_size"], architecture["num_prompt_tokens"], architecture["region_grid_size"]) == (CROP, P, GRID)
-    assert (architecture["projection_dim"], architecture["decoder_hidden_size"], architecture["decoder_intermediate_size"]) == (E, H, DECODER_FFN)
-    assert (architecture["decoder_num_layers"], architecture["recovery_num_layers"]) == (DECODER_LAYERS, RECOVERY_LAYERS)
+    assert (architecture["crop_size"], architecture["num_prompt_tokens"], architecture["region_grid_size"]) == (
+        CROP,
+        P,
+        GRID,
+    )
+    assert (
+        architecture["projection_dim"],
+        architecture["decoder_hidden_size"],
+        architecture["decoder_intermediate_size"],
+    ) == (E, H, DECODER_FFN)
+    assert (architecture["decoder_num_layers"], architecture["recovery_num_layers"]) == (
+        DECODER_LAYERS,
+        RECOVERY_LAYERS,
+    )
 
 
 def test_preset_gives_classes_and_split_and_tensors_give_sizes():
     model = convert_original_checkpoint(
-        random_reference_state_dict(), preset="voc-inductive", vision_num_heads=4, text_num_heads=4, decoder_num_heads=4
+        random_reference_state_dict(),
+        preset="voc-inductive",
+        vision_num_heads=4,
+        text_num_heads=4,
+        decoder_num_heads=4,
     )
     config = model.config
-    assert config.num_labels == 20 and config.id2label[15] == "pottedplant" and config.seen_class_ids == list(range(15))
+    assert (
+        config.num_labels == 20 and config.id2label[15] == "pottedplant" and config.seen_class_ids == list(range(15))
+    )
     assert config.crop_size == CROP and config.num_prompt_tokens == P and config.region_grid_size == GRID
     assert config.vision_config.hidden_size == D and config.vision_config.num_attention_heads == 4
     assert config.text_config.eos_token_id == VOCAB - 1  # CLIP's end-of-text = last id
@@ -325,7 +356,9 @@ def test_shape_mismatches_extra_and_missing_keys_are_listed(tmp_path):
 
 
 def test_a_config_that_does_not_fit_the_checkpoint_is_refused():
-    with pytest.raises(CheckpointConversionError, match=r"backbone.prompt_embeddings: expected \[1, 5, 32\], found \[1, 3, 32\]"):
+    with pytest.raises(
+        CheckpointConversionError, match=r"backbone.prompt_embeddings: expected \[1, 5, 32\], found \[1, 3, 32\]"
+    ):
         convert_original_checkpoint(random_reference_state_dict(), config=tiny_config(num_prompt_tokens=5))
 
 
@@ -362,7 +395,6 @@ def test_parity_with_the_reference_oracle(setting):
     model = convert_original_checkpoint(
         mmcv_checkpoint(sd), config=without_dropout(setting=setting, seen_class_ids=SEEN)
     )
-    seen, all_classes = SEEN, ALL_CLASSES
     torch.manual_seed(0)
     pixel_values = torch.randn(2, 3, CROP, CROP)
     labels = _labels()
@@ -378,7 +410,7 @@ def test_parity_with_the_reference_oracle(setting):
     seen_weight = 0.1 if setting == "inductive" else 0.0
     with torch.no_grad():
         oracle = reference_forward(
-            sd, pixel_values, text, P, GRID, VISION_HEADS, DECODER_HEADS, seen_idx=seen, seen_weight=seen_weight
+            sd, pixel_values, text, P, GRID, VISION_HEADS, DECODER_HEADS, seen_idx=SEEN, seen_weight=seen_weight
         )
         outputs = model(pixel_values=pixel_values)
         processed = image_processor.post_process_semantic_segmentation(outputs, return_segmentation_scores=True)
@@ -391,6 +423,11 @@ def test_parity_with_the_reference_oracle(setting):
     assert (scores - oracle["scores"]).abs().max() <= 1e-4, message
 
     # Training: the three losses, dropout off.
+    _assert_training_matches_the_oracle(model, sd, pixel_values, labels, text, setting, message)
+
+
+def _assert_training_matches_the_oracle(model, sd, pixel_values, labels, text, setting, message):
+    """The training forward's logits and its four losses equal the reference oracle's, dropout off."""
     model.train()
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -398,8 +435,11 @@ def test_parity_with_the_reference_oracle(setting):
         if hasattr(module, "dropout") and isinstance(module.dropout, float):
             module.dropout = 0.0
     output = model(pixel_values, labels=labels, text_embeds=text)
+    seen, all_classes = SEEN, ALL_CLASSES
     head_classes = seen if setting == "inductive" else all_classes
-    oracle = reference_forward(sd, pixel_values, text[head_classes], P, GRID, VISION_HEADS, DECODER_HEADS, training=True)
+    oracle = reference_forward(
+        sd, pixel_values, text[head_classes], P, GRID, VISION_HEADS, DECODER_HEADS, training=True
+    )
     targets = reference_targets(labels, seen, all_classes, setting, pred_masks=oracle["pred_masks"])
     if setting == "inductive":
         assert (targets == 255).sum() > (labels == 255).sum()  # unseen pixels were ignored
@@ -552,8 +592,16 @@ def test_cli_writes_a_loadable_folder_and_keeps_a_good_one_on_failure(tmp_path, 
     tokenizer = tiny_tokenizer()
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     output = tmp_path / "out"
-    argv = ["--checkpoint", str(checkpoint), "--config", str(tmp_path / "config"), "--output_dir", str(output),
-            "--tokenizer", str(tmp_path / "tokenizer")]
+    argv = [
+        "--checkpoint",
+        str(checkpoint),
+        "--config",
+        str(tmp_path / "config"),
+        "--output_dir",
+        str(output),
+        "--tokenizer",
+        str(tmp_path / "tokenizer"),
+    ]
     assert main(argv) == 0
     assert "Converted" in capsys.readouterr().out
     assert (output / "model.safetensors").exists() and (output / "config.json").exists()
@@ -566,7 +614,9 @@ def test_cli_writes_a_loadable_folder_and_keeps_a_good_one_on_failure(tmp_path, 
         assert torch.equal(loaded(pixel_values).logits, expected(pixel_values).logits)
     # Class embeddings were computed with the converted text tower from the config's classes and templates.
     processor = CLIPRCProcessor(CLIPRCImageProcessor.from_model_config(tiny_config()), tokenizer)
-    prompts = processor.tokenize_class_names(tiny_config().class_names, tiny_config().prompt_templates, return_tensors="pt")
+    prompts = processor.tokenize_class_names(
+        tiny_config().class_names, tiny_config().prompt_templates, return_tensors="pt"
+    )
     torch.testing.assert_close(
         loaded.class_embeddings, expected.clip_rc.encode_class_prompts(prompts["input_ids"], prompts["attention_mask"])
     )
@@ -601,7 +651,10 @@ def test_cli_to_original_writes_a_reference_checkpoint(tmp_path):
     sd = random_reference_state_dict(seed=2)
     model = convert_original_checkpoint(sd, config=tiny_config(), class_embeddings=torch.randn(3, E))
     model.save_pretrained(tmp_path / "trained")
-    assert main(["--to-original", "--checkpoint", str(tmp_path / "trained"), "--output_dir", str(tmp_path / "ref.pth")]) == 0
+    assert (
+        main(["--to-original", "--checkpoint", str(tmp_path / "trained"), "--output_dir", str(tmp_path / "ref.pth")])
+        == 0
+    )
     checkpoint = torch.load(tmp_path / "ref.pth", weights_only=True)
     assert set(checkpoint) == {"state_dict", "meta"}
     assert checkpoint["meta"]["CLASSES"] == ("cat", "dog", "grass")
@@ -615,8 +668,9 @@ def test_cli_to_original_writes_a_reference_checkpoint(tmp_path):
     assert embeddings.shape == (3, E)
     torch.testing.assert_close(torch.from_numpy(embeddings), model.class_embeddings)
     # And the written checkpoint converts back to the same model.
-    back = convert_original_checkpoint(tmp_path / "ref.pth", config=tiny_config(),
-                                       class_embeddings=tmp_path / "ref_text_embedding.npy")
+    back = convert_original_checkpoint(
+        tmp_path / "ref.pth", config=tiny_config(), class_embeddings=tmp_path / "ref_text_embedding.npy"
+    )
     for name, tensor in model.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
 

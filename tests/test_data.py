@@ -9,11 +9,10 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
 from clip_rc import CLIPRCImageProcessor
-from clip_rc.data.transforms import _hsv_to_rgb_uint8, _rgb_to_hsv_uint8
 from clip_rc.data import (
-    AugmentedTrainSamples,
     REFERENCE_IMAGE_MEAN,
     REFERENCE_IMAGE_STD,
+    AugmentedTrainSamples,
     SegmentationDecoder,
     SegmentationTrainTransform,
     coco_stuff_train_id_lut,
@@ -22,6 +21,7 @@ from clip_rc.data import (
     photometric_distortion,
     random_crop_box,
 )
+from clip_rc.data.transforms import _hsv_to_rgb_uint8, _rgb_to_hsv_uint8
 
 
 VOC_PALETTE_FLAT = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [index % 256 for index in range(3 * 253)]
@@ -242,7 +242,7 @@ def test_coco_stuff_train_id_lut():
 def test_pascal_context_tree(tmp_path, benchmark_name, expected):
     make_context_tree(tmp_path)
     dataset = load_segmentation_dataset(tmp_path / "VOCdevkit", benchmark=benchmark_name)
-    assert {split: rows for split, rows in dataset.num_rows.items()} == {"train": 1, "val": 1}
+    assert dict(dataset.num_rows.items()) == {"train": 1, "val": 1}
     for split in ("train", "val"):
         sample = dataset[split][0]
         assert sample["image"].size == (18, 12)
@@ -262,6 +262,7 @@ def test_building_the_index_does_not_decode(tmp_path, monkeypatch):
     make_voc_tree(tmp_path)
     opened = []
     original_open = PIL.Image.open
+
     def recording_open(*args, **kwargs):
         opened.append(args)
         return original_open(*args, **kwargs)
@@ -448,6 +449,7 @@ def colour_coded_sample(height: int = 48, width: int = 64) -> tuple[np.ndarray, 
 
 def _uniform_neighbourhood(labels: torch.Tensor, radius: int) -> torch.Tensor:
     """Pixels whose (2 * radius + 1)^2 window holds a single label value."""
+
     def window_max(values):
         # Separable: a row pass then a column pass.
         values = torch.nn.functional.max_pool2d(values, (1, 2 * radius + 1), stride=1, padding=(0, radius))
@@ -592,8 +594,10 @@ def test_hsv_round_trip():
     hsv = _rgb_to_hsv_uint8(colours)
     assert hsv[..., 0].max() < 180
     assert np.abs(_hsv_to_rgb_uint8(hsv).astype(int) - colours).max() <= 4
-    np.testing.assert_array_equal(_rgb_to_hsv_uint8(np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]]], np.uint8)),
-                                  [[[0, 255, 255], [60, 255, 255], [120, 255, 255]]])
+    np.testing.assert_array_equal(
+        _rgb_to_hsv_uint8(np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]]], np.uint8)),
+        [[[0, 255, 255], [60, 255, 255], [120, 255, 255]]],
+    )
 
 
 def test_image_processor_test_time_resize_normalisation_and_collate():

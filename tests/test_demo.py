@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import PIL.Image
+import pytest
 
 from clip_rc.toy.demo import TrainingProgress, format_demo_table, main, parse_demo_table
 from clip_rc.toy.demo_figure import comparison_figure, figure_size, pick_rows
@@ -21,7 +22,9 @@ def test_demo_table_round_trips():
 def test_training_lines_become_progress_lines(caplog):
     caplog.set_level(logging.INFO, logger="clip_rc.toy.demo")
     progress = TrainingProgress("caption-clip", total_steps=800)
-    step = "12:00:00 INFO clip_rc.commands.train: [RANK 0] step {}: loss={}, loss_focal=0.75, lr_head=0.001, epoch=1.06"
+    step = (
+        "12:00:00 INFO clip_rc.commands.train: [RANK 0] step {}: loss={}, loss_focal=0.75, lr_head=0.001, epoch=1.06"
+    )
     progress.report(step.format(100, 1.25), elapsed=50.0)
     progress.report("12:00:00 INFO clip_rc.commands.train: [RANK 0]   Parameter groups = {}", 51.0)
     progress.report(step.format(200, 0.5), elapsed=80.0)
@@ -64,6 +67,7 @@ def test_comparison_figure_layout(tmp_path):
     assert figure_size(4)[1] - figure_size(2)[1] == 2 * (figure_size(3)[1] - figure_size(2)[1]) > 0
 
 
+@pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO, logger="clip_rc")
     output_dir = tmp_path / "demo"
@@ -107,6 +111,16 @@ def test_quick_demo_end_to_end(tmp_path, capsys, caplog):
     assert trained["mIoU(U)"] > control["mIoU(U)"]
     metrics = json.loads((output_dir / "caption-clip" / "eval" / "metrics.json").read_text())
     assert abs(100 * metrics["mean_iou_unseen"] - trained["mIoU(U)"]) < 0.01
-    assert results["probe"]["caption-clip"]["unseen_pixel_accuracy"] > results["probe"]["control"]["unseen_pixel_accuracy"]
+    assert (
+        results["probe"]["caption-clip"]["unseen_pixel_accuracy"]
+        > results["probe"]["control"]["unseen_pixel_accuracy"]
+    )
     assert results["per_class_iou"]["caption-clip"]["melon"] == round(100 * metrics["per_category_iou"][9], 2)
-    assert set(results["timings_seconds"]) == {"data", "tiny CLIP", "CLIP-RC training", "evaluation", "figure", "total"}
+    assert set(results["timings_seconds"]) == {
+        "data",
+        "tiny CLIP",
+        "CLIP-RC training",
+        "evaluation",
+        "figure",
+        "total",
+    }

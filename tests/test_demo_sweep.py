@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from clip_rc.metrics import harmonic_mean
 from clip_rc.toy.demo_sweep import format_sweep_table, main, missed_targets, parse_seeds, sweep_rows
 
 
@@ -18,9 +19,7 @@ def _result(seed, seen, unseen_ious, control_unseen_ious, seconds=300.0, quick=F
         "seed": seed,
         "quick": quick,
         "table": {
-            "CLIP trained on captions": {
-                "mIoU(S)": seen, "mIoU(U)": unseen, "hIoU": 2 * seen * unseen / (seen + unseen),
-            },  # fmt: skip
+            "CLIP trained on captions": {"mIoU(S)": seen, "mIoU(U)": unseen, "hIoU": harmonic_mean(seen, unseen)},
             "control: CLIP never trained": {"mIoU(S)": 60.0, "mIoU(U)": control_unseen, "hIoU": 0.0},
         },
         "per_class_iou": {

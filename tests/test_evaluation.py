@@ -19,17 +19,17 @@ from PIL import Image
 
 from clip_rc import CLIPRCForSemanticSegmentation
 from clip_rc.class_sets import get_benchmark
-from clip_rc.data import REFERENCE_IMAGE_MEAN, REFERENCE_IMAGE_STD, load_segmentation_dataset
 from clip_rc.commands.evaluate import main
+from clip_rc.data import REFERENCE_IMAGE_MEAN, REFERENCE_IMAGE_STD, load_segmentation_dataset
 from clip_rc.evaluation import METRIC_KEYS, evaluate_model, resolve_classes
 from clip_rc.image_processing_clip_rc import CLIPRCImageProcessor, get_rescaled_size, resize_image_array
 from clip_rc.metrics import SegmentationMetric
 from clip_rc.processing_clip_rc import CLIPRCProcessor
 
+from .colour_block_data import make_segmentation_dataset, make_voc_tree
 from .conftest import tiny_config
 from .local_metric import local_metric
-from .synthetic import make_segmentation_dataset, make_voc_tree
-from .tiny_clip import save_tiny_clip
+from .random_clip import save_random_clip
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -64,23 +64,31 @@ def reference_label_map(model, image: Image.Image, output_size, text_embeds=None
     pixels = np.asarray(image.convert("RGB"))
     height, width = get_rescaled_size(*pixels.shape[:2], crop)
     resized = torch.from_numpy(resize_image_array(pixels, (height, width)).astype(np.float32)).permute(2, 0, 1)
-    normalised = (resized - torch.tensor(REFERENCE_IMAGE_MEAN)[:, None, None]) / torch.tensor(REFERENCE_IMAGE_STD)[:, None, None]
+    normalised = (resized - torch.tensor(REFERENCE_IMAGE_MEAN)[:, None, None]) / torch.tensor(REFERENCE_IMAGE_STD)[
+        :, None, None
+    ]
     canvas = torch.nn.functional.pad(normalised, (0, max(crop - width, 0), 0, max(crop - height, 0)))
     canvas_height, canvas_width = canvas.shape[-2:]
     num_classes = model.config.num_labels if text_embeds is None else text_embeds.shape[0]
     if offsets is None:
-        offsets = torch.tensor([model.config.seen_score_bias if c in model.config.trained_class_ids else 0.0 for c in range(num_classes)])
+        offsets = torch.tensor(
+            [model.config.seen_score_bias if c in model.config.trained_class_ids else 0.0 for c in range(num_classes)]
+        )
     scores, counts = torch.zeros(num_classes, canvas_height, canvas_width), torch.zeros(canvas_height, canvas_width)
     for row in range(max(canvas_height - crop + stride - 1, 0) // stride + 1):
         for col in range(max(canvas_width - crop + stride - 1, 0) // stride + 1):
             bottom, right = min(row * stride + crop, canvas_height), min(col * stride + crop, canvas_width)
             top, left = bottom - crop, right - crop
             logits = model(canvas[None, :, top:bottom, left:right], text_embeds=text_embeds).logits
-            upsampled = torch.nn.functional.interpolate(logits, size=(crop, crop), mode="bilinear", align_corners=False)
+            upsampled = torch.nn.functional.interpolate(
+                logits, size=(crop, crop), mode="bilinear", align_corners=False
+            )
             scores[:, top:bottom, left:right] += upsampled[0].sigmoid() - offsets[:, None, None]
             counts[top:bottom, left:right] += 1
     scores = (scores / counts)[:, :height, :width]
-    scores = torch.nn.functional.interpolate(scores[None], size=tuple(output_size), mode="bilinear", align_corners=False)
+    scores = torch.nn.functional.interpolate(
+        scores[None], size=tuple(output_size), mode="bilinear", align_corners=False
+    )
     return scores[0].argmax(dim=0)
 
 
@@ -97,7 +105,7 @@ def single_thread():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, single_thread):
     root = tmp_path_factory.mktemp("evaluation")
-    clip_dir = save_tiny_clip(root / "clip")
+    clip_dir = save_random_clip(root / "clip")
     voc_model_dir = save_model_folder(
         root / "voc_model", clip_dir, id2label=VOC.id2label, seen_class_ids=list(VOC.seen_class_ids), benchmark="voc"
     )
@@ -201,6 +209,7 @@ def test_eval_one_process_matches_an_independent_computation(assets, tmp_path, c
         assert Image.open(path).size == (width, height)
 
 
+@pytest.mark.slow
 def test_eval_two_processes_give_the_same_numbers_and_cross_check(assets, tmp_path):
     metric_path = local_metric(tmp_path, "confusion_iou")
     output_dir = tmp_path / "out"
@@ -213,6 +222,7 @@ def test_eval_two_processes_give_the_same_numbers_and_cross_check(assets, tmp_pa
     assert "2 process(es)" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_failed_cross_check_exits_non_zero_in_two_processes_and_keeps_metrics_json(assets, tmp_path):
     """Every process fails (none hangs waiting for the main process) and metrics.json is kept."""
     output_dir = tmp_path / "out"
@@ -230,7 +240,9 @@ def test_failed_cross_check_exits_non_zero_in_two_processes_and_keeps_metrics_js
 
 def test_cross_check_passes_and_evaluate_backend_gives_the_same_file(assets, tmp_path):
     metric_path = local_metric(tmp_path, "confusion_iou")
-    assert main(eval_args(assets, tmp_path / "a", "--cross_check_evaluate", "--evaluate_metric_path", metric_path)) == 0
+    assert (
+        main(eval_args(assets, tmp_path / "a", "--cross_check_evaluate", "--evaluate_metric_path", metric_path)) == 0
+    )
     assert_matches(json.loads((tmp_path / "a" / "metrics.json").read_text()), assets["expected"])
     assert main(eval_args(assets, tmp_path / "b", "--metric_backend", "evaluate", "--evaluate_metric_path",
                           metric_path)) == 0  # fmt: skip

@@ -3,8 +3,8 @@ model: exported logits and class embeddings equal eager, ONNX Runtime label maps
 --backend onnxruntime`, sizes the graphs cannot take, and the atomic output folder."""
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +17,17 @@ from safetensors.torch import load_file
 
 from clip_rc.commands import export as export_module
 from clip_rc.commands.export import main
+from clip_rc.commands.predict import main as predict_main
 from clip_rc.exported_model import load_exported_model_and_processor
 from clip_rc.inference import encode_class_names, load_model_and_processor, segment_images
-from clip_rc.commands.predict import main as predict_main
 
+from .random_clip import save_random_clip
 from .test_evaluation import save_model_folder
 from .test_readme import python_examples
-from .tiny_clip import save_tiny_clip
+
+
+# Every test here runs exports / installed commands in subprocesses: seconds each.
+pytestmark = pytest.mark.slow
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +40,7 @@ IMAGE_SIZES = [(61, 47), (90, 130), (64, 64), (37, 70)]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    return save_model_folder(root / "model", save_tiny_clip(root / "clip"))  # classes cat, dog, grass
+    return save_model_folder(root / "model", save_random_clip(root / "clip"))  # classes cat, dog, grass
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,8 @@ def export_dirs(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("exported")
     for export_format in FORMATS:
         assert (
-            main(["--model", str(model_dir), "--format", export_format, "--output_dir", str(root / export_format)]) == 0
+            main(["--model", str(model_dir), "--format", export_format, "--output_dir", str(root / export_format)])
+            == 0
         )
     return {export_format: root / export_format for export_format in FORMATS}
 
@@ -161,7 +166,9 @@ def test_onnxruntime_label_maps_equal_pytorch_on_mixed_size_images(exported, eag
     assert len(set(torch.cat([label_map.flatten() for label_map in label_maps]).tolist())) > 1
 
 
-def test_predict_with_the_onnxruntime_backend_writes_the_pytorch_label_maps(model_dir, export_dirs, images, tmp_path, caplog):
+def test_predict_with_the_onnxruntime_backend_writes_the_pytorch_label_maps(
+    model_dir, export_dirs, images, tmp_path, caplog
+):
     paths = []
     for index, image in enumerate(images):
         paths.append(str(tmp_path / f"image{index}.png"))
@@ -180,7 +187,15 @@ def test_predict_with_the_onnxruntime_backend_writes_the_pytorch_label_maps(mode
             pytorch = np.asarray(Image.open(tmp_path / "pytorch" / f"image{index}_labels.png"))
             onnxruntime = np.asarray(Image.open(tmp_path / "onnxruntime" / f"image{index}_labels.png"))
             assert np.array_equal(onnxruntime, pytorch)
-    wrong_format = [paths[0], "--model", str(export_dirs["torch"]), "--backend", "onnxruntime", "--output_dir", str(tmp_path / "x")]
+    wrong_format = [
+        paths[0],
+        "--model",
+        str(export_dirs["torch"]),
+        "--backend",
+        "onnxruntime",
+        "--output_dir",
+        str(tmp_path / "x"),
+    ]
     assert predict_main(wrong_format) == 1
     assert re.search("holds a dynamo export, not onnx: .*--format onnx", caplog.text)
 

@@ -10,7 +10,6 @@ from clip_rc import CLIPRCConfig
 from clip_rc.configuration_clip_rc import check_class_names, check_templates
 
 from .conftest import TINY_TEXT, TINY_VISION, tiny_config
-from clip_rc.presets import preset_config
 
 
 # ---- templates ----------------------------------------------------------------------------------------------------
@@ -123,5 +122,5 @@ def test_valid_values_keep_their_meaning():
     assert config.mask_loss_weight == 100 and config.seen_class_ids == [0, 1]
     assert type(config.seen_class_ids[0]) is int
     assert CLIPRCConfig().num_labels == 20 and CLIPRCConfig().prompt_templates == ["a photo of a {}"]
-    coco = preset_config("coco-stuff-inductive")
+    coco = CLIPRCConfig.from_preset("coco-stuff-inductive")
     assert coco.num_labels == 171 and len(coco.prompt_templates) == 15

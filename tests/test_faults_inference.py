@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from clip_rc.commands.evaluate import main as eval_main
 from clip_rc.commands.predict import main as predict_main
 
+from .colour_block_data import make_segmentation_dataset
 from .conftest import tiny_model
-from .synthetic import make_segmentation_dataset
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,9 @@ def broken_copy(model_folder, tmp_path, edit) -> str:
     folder.mkdir()
     for path in [model_folder / "config.json", *model_folder.glob("*.py")]:
         (folder / path.name).write_bytes(path.read_bytes())
-    save_file(edit(load_file(model_folder / "model.safetensors")), folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        edit(load_file(model_folder / "model.safetensors")), folder / "model.safetensors", metadata={"format": "pt"}
+    )
     return str(folder)
 
 
@@ -44,7 +46,9 @@ def predict(model, image_path, tmp_path, *extra) -> int:
 
 
 def test_a_missing_weight_is_refused_unless_allowed(model_folder, image_path, tmp_path, caplog):
-    folder = broken_copy(model_folder, tmp_path, lambda state: {k: v for k, v in state.items() if k != "decode_head.q_proj.weight"})
+    folder = broken_copy(
+        model_folder, tmp_path, lambda state: {k: v for k, v in state.items() if k != "decode_head.q_proj.weight"}
+    )
     assert predict(folder, image_path, tmp_path) == 1
     assert "decode_head.q_proj.weight" in caplog.text and "--allow_missing_weights" in caplog.text
     assert not (tmp_path / "out").exists()
@@ -75,11 +79,15 @@ def test_broken_folders_are_named(model_folder, image_path, tmp_path, caplog):
     assert f"{empty} holds no config.json" in caplog.text
 
 
-def test_a_decompression_bomb_is_named_and_the_others_are_written(model_folder, image_path, tmp_path, caplog, monkeypatch):
+def test_a_decompression_bomb_is_named_and_the_others_are_written(
+    model_folder, image_path, tmp_path, caplog, monkeypatch
+):
     bomb = tmp_path / "bomb.png"
     PIL.Image.new("L", (300, 300)).save(bomb)
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 20_000)  # 90,000 pixels is then over twice the limit
-    status = predict_main(["--model", str(model_folder), str(bomb), str(image_path), "--output_dir", str(tmp_path / "out")])
+    status = predict_main(
+        ["--model", str(model_folder), str(bomb), str(image_path), "--output_dir", str(tmp_path / "out")]
+    )
     assert status == 1 and str(bomb) in caplog.text
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["photo_labels.png", "photo_overlay.png"]
 

@@ -12,14 +12,14 @@ from safetensors.torch import load_file
 from clip_rc.commands import train as training
 from clip_rc.commands.train import OWNER_MARKER, TrainingDivergedError, list_checkpoints
 
-from .synthetic import make_segmentation_dataset
+from .colour_block_data import make_segmentation_dataset
+from .random_clip import save_random_clip
 from .test_training import run_args
-from .tiny_clip import save_tiny_clip
 
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+    return save_random_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,9 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 def interrupted_run(tiny_clip_dir, dataset_dir, tmp_path_factory):
     """A run stopped after its checkpoint-1 (as if killed during iteration 2)."""
     output_dir = tmp_path_factory.mktemp("interrupted") / "run"
-    training.train(quick_args(tiny_clip_dir, dataset_dir, output_dir, "--max_steps", "1", "--checkpointing_steps", "1"))
+    training.train(
+        quick_args(tiny_clip_dir, dataset_dir, output_dir, "--max_steps", "1", "--checkpointing_steps", "1")
+    )
     reset_accelerate()
     for name in ("config.json", "model.safetensors"):
         (output_dir / name).unlink()  # the final save of max_steps=1: not there after a crash
@@ -217,8 +219,21 @@ def test_resuming_with_a_changed_recipe_names_the_change(tiny_clip_dir, dataset_
                                    "--weight_decay", "0"))  # fmt: skip
     reset_accelerate()
     # Logging, evaluation and checkpoint intervals, the worker count and the length of the run may change.
-    result = training.train(resume_args(tiny_clip_dir, dataset_dir, output_dir, "--max_steps", "3", "--logging_steps",
-                                        "2", "--dataloader_num_workers", "0", "--checkpoints_total_limit", "1"))
+    result = training.train(
+        resume_args(
+            tiny_clip_dir,
+            dataset_dir,
+            output_dir,
+            "--max_steps",
+            "3",
+            "--logging_steps",
+            "2",
+            "--dataloader_num_workers",
+            "0",
+            "--checkpoints_total_limit",
+            "1",
+        )
+    )
     assert result["global_step"] == 3 and [path.name for path in list_checkpoints(output_dir)] == ["checkpoint-3"]
 
 

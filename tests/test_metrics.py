@@ -196,6 +196,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_reduction_matches_single_process(tmp_path):
     predictions, references = random_maps(seed=3, num_maps=8, num_labels=6)
     pairs = list(zip(predictions, references))

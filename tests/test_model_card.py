@@ -2,16 +2,26 @@
 
 from huggingface_hub import ModelCard
 
+from clip_rc import CLIPRCConfig
 from clip_rc.model_card import build_model_card
-from clip_rc.presets import preset_config
 
 
-METRICS = {"mean_iou": 0.8, "mean_iou_seen": 0.9, "mean_iou_unseen": 0.7, "harmonic_iou": 0.7875, "overall_accuracy": 0.95}
+METRICS = {
+    "mean_iou": 0.8,
+    "mean_iou_seen": 0.9,
+    "mean_iou_unseen": 0.7,
+    "harmonic_iou": 0.7875,
+    "overall_accuracy": 0.95,
+}
 
 
 def test_card_metadata_and_model_index(tmp_path):
-    config = preset_config("voc-inductive")
-    recipe = {"clip_model_name_or_path": "openai/clip-vit-base-patch16", "dataset": str(tmp_path), "preset": "voc-inductive"}
+    config = CLIPRCConfig.from_preset("voc-inductive")
+    recipe = {
+        "clip_model_name_or_path": "openai/clip-vit-base-patch16",
+        "dataset": str(tmp_path),
+        "preset": "voc-inductive",
+    }
     card = build_model_card(config, recipe, METRICS, "table", repo_id="user/clip-rc-voc", eval_split="val")
     card.save(tmp_path / "README.md")
 
@@ -31,7 +41,7 @@ def test_card_metadata_and_model_index(tmp_path):
 
 
 def test_card_without_evaluation_has_no_model_index(tmp_path):
-    config = preset_config("coco-stuff-fully")
+    config = CLIPRCConfig.from_preset("coco-stuff-fully")
     recipe = {"model_name_or_path": str(tmp_path), "dataset": "user/coco-stuff"}
     card = build_model_card(config, recipe)
     data = ModelCard(str(card)).data

@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 from transformers import AutoModelForSemanticSegmentation, AutoProcessor
 
+from clip_rc.commands.predict import main as predict_main
 from clip_rc.evaluation import evaluate_model
 from clip_rc.inference import segment_images
 from clip_rc.pipelines import CLIPRCSegmentationPipeline, CLIPRCZeroShotSegmentationPipeline
-from clip_rc.commands.predict import main as predict_main
 
+from .random_clip import save_random_clip
 from .test_evaluation import reference_label_map, save_model_folder
-from .tiny_clip import save_tiny_clip
 
 
 SIZES = [(61, 47), (37, 70), (64, 64), (90, 130), (20, 25)]  # (height, width): portrait, landscape, small
@@ -26,7 +26,7 @@ SIZES = [(61, 47), (37, 70), (64, 64), (90, 130), (20, 25)]  # (height, width): 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("one_path")
-    model_dir = save_model_folder(root / "model", save_tiny_clip(root / "clip"))
+    model_dir = save_model_folder(root / "model", save_random_clip(root / "clip"))
     rng = np.random.default_rng(1)
     paths = []
     for index, (height, width) in enumerate(SIZES):
@@ -35,7 +35,14 @@ def setup(tmp_path_factory):
     model = AutoModelForSemanticSegmentation.from_pretrained(model_dir).eval()
     images = [Image.open(path).convert("RGB") for path in paths]
     expected = [reference_label_map(model, image, (image.height, image.width)) for image in images]
-    return {"root": root, "model_dir": model_dir, "paths": paths, "model": model, "images": images, "expected": expected}
+    return {
+        "root": root,
+        "model_dir": model_dir,
+        "paths": paths,
+        "model": model,
+        "images": images,
+        "expected": expected,
+    }
 
 
 def assert_same_maps(maps, expected):
@@ -66,7 +73,10 @@ def test_every_entry_point_gives_the_reference_protocols_label_maps(setup, tmp_p
     assert_same_maps(segment_images(model, processor.image_processor, images), expected)
 
     # eval.py's scoring: the images as an evaluation split whose labels are the expected maps.
-    split = [{"image": image, "label": Image.fromarray(label.numpy().astype(np.uint8))} for image, label in zip(images, expected)]
+    split = [
+        {"image": image, "label": Image.fromarray(label.numpy().astype(np.uint8))}
+        for image, label in zip(images, expected)
+    ]
     scored = {}
     results = evaluate_model(
         model, split, image_processor=processor.image_processor, batch_size=2, progress=False,
@@ -76,7 +86,10 @@ def test_every_entry_point_gives_the_reference_protocols_label_maps(setup, tmp_p
     assert results["overall_accuracy"] == 1.0
 
     # clip-rc-predict's label maps.
-    assert predict_main(["--model", str(setup["model_dir"]), *map(str, setup["paths"]), "--output_dir", str(tmp_path)]) == 0
+    assert (
+        predict_main(["--model", str(setup["model_dir"]), *map(str, setup["paths"]), "--output_dir", str(tmp_path)])
+        == 0
+    )
     assert_same_maps([Image.open(tmp_path / f"{path.stem}_labels.png") for path in setup["paths"]], expected)
 
     # Both pipelines, one image at a time and in batches of mixed sizes.
@@ -88,3 +101,15 @@ def test_every_entry_point_gives_the_reference_protocols_label_maps(setup, tmp_p
     for results_per_image in (segmenter(images), segmenter(images, batch_size=2), zero_shot(images, batch_size=3)):
         maps = [pipeline_label_map(segments, class_names, size) for segments, size in zip(results_per_image, sizes)]
         assert_same_maps(maps, expected)
+
+
+def test_tensor_entry_point_gives_the_same_label_maps(setup):
+    """`model.sliding_window_labels` on resized, normalised tensors: the processor's windows and post-processing."""
+    model, image = setup["model"], setup["images"][3]  # 90 x 130: several windows
+    processor = AutoProcessor.from_pretrained(setup["model_dir"])
+    whole = processor.image_processor(images=[image, image], do_sliding_window=False, return_tensors="pt")
+    labels = model.sliding_window_labels(whole["pixel_values"])
+    resized_size = tuple(whole["image_sizes"][0].tolist())
+    expected = reference_label_map(model, image, resized_size)
+    assert labels.shape == (2, *resized_size)
+    assert torch.equal(labels[0], expected) and torch.equal(labels[1], expected)

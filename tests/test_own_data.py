@@ -22,12 +22,12 @@ from clip_rc import CLIPRCConfig, CLIPRCForSemanticSegmentation
 from clip_rc.commands import evaluate as evaluation
 from clip_rc.commands import predict
 from clip_rc.commands import train as training
-from clip_rc.data import loading as clip_rc_data
-from clip_rc.data import dataset_class_names
 from clip_rc.commands.train import DataArguments, ModelArguments, training_class_list
+from clip_rc.data import dataset_class_names
+from clip_rc.data import loading as clip_rc_data
 
-from .synthetic import class_colour
-from .tiny_clip import save_tiny_clip
+from .colour_block_data import class_colour
+from .random_clip import save_random_clip
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -103,7 +103,7 @@ def world(tmp_path_factory):
     photo = root / "photo.jpg"
     striped_sample(np.random.default_rng(1), [0, 3, 1])[0].save(photo)
     places = {
-        "openai/clip-vit-base-patch16": str(save_tiny_clip(root / "clip")), "my_dataset": str(repository),
+        "openai/clip-vit-base-patch16": str(save_random_clip(root / "clip")), "my_dataset": str(repository),
         "runs/my-zero-shot": str(root / "runs" / "my-zero-shot"), "predictions": str(root / "predictions"),
         "photo.jpg": str(photo),
     }  # fmt: skip
@@ -323,7 +323,7 @@ def test_the_hub_id2label_json_is_fetched_with_hf_hub_download(tmp_path, monkeyp
 
 def test_a_label_id_outside_the_class_list_is_an_error_naming_the_label(tmp_path):
     repository = write_repository(tmp_path / "repo", {"0": "cat", "1": "dog"}, [[0, 1, 2]] * 2, [[0, 1]])
-    clip_dir = save_tiny_clip(tmp_path / "clip")
+    clip_dir = save_random_clip(tmp_path / "clip")
     try:
         torch.set_num_threads(1)
         with pytest.raises(ValueError, match=r"label \(in-memory dict\) holds values \[2\].*\(2 classes"):
@@ -334,7 +334,7 @@ def test_a_label_id_outside_the_class_list_is_an_error_naming_the_label(tmp_path
 
 
 def test_transductive_training_needs_a_split_and_overrides_cannot_set_classes(tmp_path):
-    clip_dir = save_tiny_clip(tmp_path / "clip")
+    clip_dir = save_random_clip(tmp_path / "clip")
     base = ["--clip_model_name_or_path", str(clip_dir), "--dataset", str(tmp_path), "--class_names", "cat,dog",
             "--output_dir", str(tmp_path / "out"), *TINY]  # fmt: skip
     try:

@@ -15,13 +15,13 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from clip_rc import CLIPRCForSemanticSegmentation
 from clip_rc.class_sets import get_benchmark
+from clip_rc.commands.predict import main
 from clip_rc.image_processing_clip_rc import CLIPRCImageProcessor
 from clip_rc.pipelines import ZERO_SHOT_TASK, CLIPRCSegmentationPipeline, CLIPRCZeroShotSegmentationPipeline
-from clip_rc.commands.predict import main
 from clip_rc.visualization import class_palette, draw_legend, overlay_label_map, save_label_map
 
+from .random_clip import save_random_clip
 from .test_evaluation import reference_label_map, save_model_folder
-from .tiny_clip import save_tiny_clip
 
 
 CLASSES = ["sky", "tree", "car", "person"]
@@ -31,7 +31,7 @@ SIZES = [(61, 47), (37, 70), (64, 64), (90, 130)]  # (height, width), odd ones i
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
-    return save_model_folder(root / "model", save_tiny_clip(root / "clip"))  # classes cat, dog, grass
+    return save_model_folder(root / "model", save_random_clip(root / "clip"))  # classes cat, dog, grass
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,9 @@ def test_predict_names_unreadable_images_finishes_the_others_and_fails(model_dir
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(images[1].read_bytes()[:200])
     output_dir = tmp_path / "out"
-    status = main(["--model", str(model_dir), str(broken), str(images[2]), str(truncated), "--output_dir", str(output_dir)])
+    status = main(
+        ["--model", str(model_dir), str(broken), str(images[2]), str(truncated), "--output_dir", str(output_dir)]
+    )
     assert status == 1
     assert str(broken) in caplog.text and str(truncated) in caplog.text and "2 of 3 image(s) failed" in caplog.text
     assert sorted(path.name for path in output_dir.iterdir()) == ["image2_labels.png", "image2_overlay.png"]
@@ -169,7 +171,9 @@ def test_image_segmentation_pipeline_equals_the_protocol_in_any_batch(model, mod
         label_map = segments_to_label_map(segments, ["cat", "dog", "grass"], (image.height, image.width))
         assert np.array_equal(label_map, expected_map(model, model_dir, image).numpy())
         assert [(s["label"], s["score"]) for s in segments] == [(s["label"], s["score"]) for s in batch_segments]
-        assert all(np.array_equal(np.asarray(a["mask"]), np.asarray(b["mask"])) for a, b in zip(segments, batch_segments))
+        assert all(
+            np.array_equal(np.asarray(a["mask"]), np.asarray(b["mask"])) for a, b in zip(segments, batch_segments)
+        )
     # Paths work too, as with every image pipeline.
     assert segmenter(str(images[0]))[0]["mask"].size == (SIZES[0][1], SIZES[0][0])
 
@@ -200,9 +204,13 @@ def test_candidate_labels_in_any_batch(model, model_dir, images):
 def test_a_fresh_process_gets_the_same_pipelines_from_the_folder(model, model_dir, images, tmp_path):
     """A process that never imports clip_rc: `pipeline(task, folder, trust_remote_code=True)` serves the folder's
     own pipelines, with the output of the in-process ones."""
-    in_process = CLIPRCSegmentationPipeline(model=model, image_processor=CLIPRCImageProcessor.from_pretrained(model_dir))
+    in_process = CLIPRCSegmentationPipeline(
+        model=model, image_processor=CLIPRCImageProcessor.from_pretrained(model_dir)
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    zero_shot = CLIPRCZeroShotSegmentationPipeline(model=model, image_processor=in_process.image_processor, tokenizer=tokenizer)
+    zero_shot = CLIPRCZeroShotSegmentationPipeline(
+        model=model, image_processor=in_process.image_processor, tokenizer=tokenizer
+    )
     expected = {
         "own": [[(s["label"], s["score"], np.asarray(s["mask"]).tolist()) for s in in_process(str(path))] for path in images],
         "zero_shot": [[(s["label"], s["score"], np.asarray(s["mask"]).tolist())

@@ -10,7 +10,8 @@ from transformers import AutoImageProcessor, AutoProcessor
 from clip_rc.data import REFERENCE_IMAGE_MEAN, REFERENCE_IMAGE_STD
 from clip_rc.image_processing_clip_rc import CLIPRCImageProcessor, get_rescaled_size, sliding_windows
 from clip_rc.processing_clip_rc import CLIPRCProcessor
-from tests.tiny_tokenizer import EOS_TOKEN, build_tiny_clip_tokenizer
+from clip_rc.toy.tiny_clip import EOS_TOKEN
+from tests.random_clip import build_test_tokenizer
 
 
 @pytest.fixture
@@ -21,13 +22,15 @@ def image_processor():
 @pytest.fixture
 def small_processor():
     """64-pixel windows every 48 pixels after resizing the short side to 64."""
-    return CLIPRCImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, sliding_window_stride=48)
+    return CLIPRCImageProcessor(
+        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, sliding_window_stride=48
+    )
 
 
 @pytest.fixture
 def processor(image_processor):
     templates = ["a photo of a {}.", "a {} in the scene."]
-    return CLIPRCProcessor(image_processor, build_tiny_clip_tokenizer(), templates=templates)
+    return CLIPRCProcessor(image_processor, build_test_tokenizer(), templates=templates)
 
 
 def test_defaults(image_processor):
@@ -76,10 +79,15 @@ def test_windows_are_the_resized_image_cut_like_the_reference(small_processor):
     whole = small_processor(PIL.Image.fromarray(pixels), do_sliding_window=False, return_tensors="pt")
     assert whole["pixel_values"].shape == (1, 3, 64, 92) and whole["image_sizes"].tolist() == [[64, 92]]
     windows = small_processor(PIL.Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
-    expected = [whole["pixel_values"][0, :, top:bottom, left:right] for top, bottom, left, right in sliding_windows(64, 92, 64, 48)]
+    expected = [
+        whole["pixel_values"][0, :, top:bottom, left:right]
+        for top, bottom, left, right in sliding_windows(64, 92, 64, 48)
+    ]
     assert torch.equal(windows, torch.stack(expected))
     # The reference normalises 0-255 pixels with its own statistics: the same numbers.
-    resized = torch.from_numpy(np.asarray(PIL.Image.fromarray(pixels).resize((92, 64), PIL.Image.BILINEAR)).astype(np.float32))
+    resized = torch.from_numpy(
+        np.asarray(PIL.Image.fromarray(pixels).resize((92, 64), PIL.Image.BILINEAR)).astype(np.float32)
+    )
     assert resized.shape == (64, 92, 3)
     white = (255 - torch.tensor(REFERENCE_IMAGE_MEAN)) / torch.tensor(REFERENCE_IMAGE_STD)
     white_output = small_processor(PIL.Image.new("RGB", (64, 64), (255, 255, 255)), return_tensors="pt")
@@ -87,7 +95,9 @@ def test_windows_are_the_resized_image_cut_like_the_reference(small_processor):
 
 
 def test_small_images_are_padded_to_one_crop_with_the_mean_colour(small_processor):
-    output = small_processor(PIL.Image.new("RGB", (30, 20), (255, 255, 255)), size={"shortest_edge": 20}, return_tensors="pt")
+    output = small_processor(
+        PIL.Image.new("RGB", (30, 20), (255, 255, 255)), size={"shortest_edge": 20}, return_tensors="pt"
+    )
     assert output["image_sizes"].tolist() == [[20, 30]]
     assert output["pixel_values"].shape == (1, 3, 64, 64)
     assert (output["pixel_values"][0, :, 20:, :] == 0).all() and (output["pixel_values"][0, :, :, 30:] == 0).all()
@@ -96,9 +106,15 @@ def test_small_images_are_padded_to_one_crop_with_the_mean_colour(small_processo
 
 def test_channel_layout_is_read_from_the_input_type(image_processor):
     # Tiny NumPy images are channels-last (as np.asarray(PIL) gives them), not read as channels-first.
-    assert image_processor(np.zeros((1, 1, 3), np.uint8), do_sliding_window=False)["image_sizes"].tolist() == [[512, 512]]
-    assert image_processor(np.zeros((3, 5, 3), np.uint8), do_sliding_window=False)["image_sizes"].tolist() == [[512, 853]]
-    assert image_processor(np.zeros((3, 5, 4), np.uint8), do_sliding_window=False)["image_sizes"].tolist() == [[512, 853]]
+    assert image_processor(np.zeros((1, 1, 3), np.uint8), do_sliding_window=False)["image_sizes"].tolist() == [
+        [512, 512]
+    ]
+    assert image_processor(np.zeros((3, 5, 3), np.uint8), do_sliding_window=False)["image_sizes"].tolist() == [
+        [512, 853]
+    ]
+    assert image_processor(np.zeros((3, 5, 4), np.uint8), do_sliding_window=False)["image_sizes"].tolist() == [
+        [512, 853]
+    ]
     # Told channels-first, the same array is a 5 x 3 image.
     told = image_processor(np.zeros((3, 5, 3), np.uint8), input_data_format="channels_first", do_sliding_window=False)
     assert told["image_sizes"].tolist() == [[853, 512]]
@@ -145,7 +161,9 @@ def test_post_process_reassembles_windows_and_calibrates(small_processor):
 
 
 def test_post_process_refuses_inconsistent_inputs(small_processor):
-    outputs = SimpleNamespace(logits=torch.zeros(2, 3, 8, 8), image_sizes=torch.tensor([[64, 200]]), score_offsets=None)
+    outputs = SimpleNamespace(
+        logits=torch.zeros(2, 3, 8, 8), image_sizes=torch.tensor([[64, 200]]), score_offsets=None
+    )
     with pytest.raises(ValueError, match=r"2 crops.*4 sliding windows"):
         small_processor.post_process_semantic_segmentation(outputs)
     outputs = SimpleNamespace(logits=torch.zeros(1, 3, 8, 8), image_sizes=torch.tensor([[64, 64]]), score_offsets=None)
@@ -186,14 +204,23 @@ def test_class_names_become_templated_prompts_with_the_eot_kept(processor):
         assert output["attention_mask"][1, template_index].tolist() == [1] * len(ids) + [0] * (32 - len(ids))
     assert tokenizer.convert_ids_to_tokens(int(output["input_ids"][0, 0, 7])) == EOS_TOKEN
     assert np.array(processor.tokenize_class_names("dog")["input_ids"]).shape == (1, 2, 32)
-    assert processor.tokenize_class_names(["cat"], templates=["{}"], return_tensors="pt")["input_ids"].shape == (1, 1, 32)
+    assert processor.tokenize_class_names(["cat"], templates=["{}"], return_tensors="pt")["input_ids"].shape == (
+        1,
+        1,
+        32,
+    )
     with pytest.raises(ValueError, match="template"):
         processor.tokenize_class_names(["cat"], templates=["no slot"])
 
 
 @pytest.mark.parametrize(
     "class_names, message",
-    [([], "at least one class"), (["cat", "cat"], "repeat"), (["cat", " "], r"position\(s\) \[1\]"), (["word " * 40], "exceed")],
+    [
+        ([], "at least one class"),
+        (["cat", "cat"], "repeat"),
+        (["cat", " "], r"position\(s\) \[1\]"),
+        (["word " * 40], "exceed"),
+    ],
 )
 def test_bad_class_names_are_refused_with_the_name(processor, class_names, message):
     with pytest.raises(ValueError, match=message):
@@ -201,7 +228,7 @@ def test_bad_class_names_are_refused_with_the_name(processor, class_names, messa
 
 
 def test_default_templates(image_processor):
-    processor = CLIPRCProcessor(image_processor, build_tiny_clip_tokenizer())
+    processor = CLIPRCProcessor(image_processor, build_test_tokenizer())
     assert processor.templates == ["a photo of a {}"]
     assert processor.tokenize_class_names(["cat", "dog"], return_tensors="pt")["input_ids"].shape == (2, 1, 32)
 
@@ -212,10 +239,17 @@ def test_processor_call_follows_transformers_conventions(processor):
     assert output["pixel_values"].shape == (6, 3, 512, 512)
     assert output["image_sizes"].tolist() == [[512, 1024], [1024, 512]]
     # Text prompts go through the tokenizer as they are, padded to its length.
-    assert torch.equal(output["input_ids"], processor.tokenizer(["a cat", "a dog"], padding="max_length", return_tensors="pt")["input_ids"])
+    assert torch.equal(
+        output["input_ids"],
+        processor.tokenizer(["a cat", "a dog"], padding="max_length", return_tensors="pt")["input_ids"],
+    )
     images_only = processor(images=images[0], return_tensors="pt", size={"shortest_edge": 64}, do_sliding_window=False)
     assert images_only["pixel_values"].shape == (1, 3, 64, 128) and "input_ids" not in images_only
-    nested = processor(images=images[0], images_kwargs={"size": {"shortest_edge": 64}, "do_sliding_window": False}, return_tensors="pt")
+    nested = processor(
+        images=images[0],
+        images_kwargs={"size": {"shortest_edge": 64}, "do_sliding_window": False},
+        return_tensors="pt",
+    )
     assert torch.equal(nested["pixel_values"], images_only["pixel_values"])
     with pytest.raises(ValueError, match="Pass images, text"):
         processor()
@@ -232,9 +266,15 @@ def test_processor_round_trip_with_auto_processor(tmp_path, processor):
     auto = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(auto).__name__ == "CLIPRCProcessor" and type(auto.image_processor).__name__ == "CLIPRCImageProcessor"
     image = PIL.Image.new("RGB", (48, 24), (200, 100, 0))
-    expected = {**processor(images=image, return_tensors="pt"), **processor.tokenize_class_names(["cat", "sky"], return_tensors="pt")}
+    expected = {
+        **processor(images=image, return_tensors="pt"),
+        **processor.tokenize_class_names(["cat", "sky"], return_tensors="pt"),
+    }
     for loaded in (reloaded, auto):
         assert loaded.templates == processor.templates
-        output = {**loaded(images=image, return_tensors="pt"), **loaded.tokenize_class_names(["cat", "sky"], return_tensors="pt")}
+        output = {
+            **loaded(images=image, return_tensors="pt"),
+            **loaded.tokenize_class_names(["cat", "sky"], return_tensors="pt"),
+        }
         for key in ("pixel_values", "image_sizes", "input_ids", "attention_mask"):
             assert torch.equal(output[key], expected[key]), key

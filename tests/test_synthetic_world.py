@@ -1,12 +1,10 @@
-"""The synthetic world of `clip_rc.toy.synthetic`: exact label maps, captions, seeding, the benchmark and the dataset."""
+"""The shapes world of `clip_rc.toy.synthetic`: exact label maps, captions, seeding, the benchmark, the dataset."""
 
-import io
 import itertools
 import re
 import time
 
 import numpy as np
-import PIL.Image
 import pytest
 
 from clip_rc.class_sets import Benchmark
@@ -19,7 +17,6 @@ from clip_rc.toy.synthetic import (
     SYNTHETIC_UNSEEN_CLASS_IDS,
     SyntheticWorld,
     WorldConfig,
-    encode_png,
     load_synthetic_benchmark,
     pixel_saturation,
     synthetic_benchmark,
@@ -128,7 +125,7 @@ def test_scenes_vary():
 
 def test_captions_name_exactly_the_visible_classes():
     world = SyntheticWorld()
-    for image, label, caption, visible in world.generate(300, seed=7):
+    for _, label, caption, visible in world.generate(300, seed=7):
         assert re.fullmatch(r"[a-z]+( [a-z]+)*", caption), caption
         named = {word for word in caption.split() if word in NAMES}
         assert named == {NAMES[c] for c in visible}, (caption, visible)
@@ -156,18 +153,6 @@ def test_generation_is_fast():
     list(world.generate(500, seed=0))
     # about 2 ms of CPU per 96 px image; generous bound for a busy machine
     assert time.process_time() - start < 15
-
-
-def test_encode_png_is_lossless():
-    rng = np.random.default_rng(0)
-    rgb = rng.integers(0, 256, size=(17, 23, 3), dtype=np.uint8)
-    grey = rng.integers(0, 256, size=(17, 23), dtype=np.uint8)
-    decoded = PIL.Image.open(io.BytesIO(encode_png(rgb)))
-    assert decoded.mode == "RGB"
-    np.testing.assert_array_equal(np.asarray(decoded), rgb)
-    decoded = PIL.Image.open(io.BytesIO(encode_png(grey, compress_level=6)))
-    assert decoded.mode == "L"
-    np.testing.assert_array_equal(np.asarray(decoded), grey)
 
 
 def test_dataset_loads_with_the_data_loaders(tmp_path):

@@ -13,8 +13,8 @@ from clip_rc.toy.tiny_clip import (
     TinyCLIPArguments,
     caption_corpus,
     image_to_pixel_values,
-    patch_noun_loss,
     patch_embeddings,
+    patch_noun_loss,
     patch_probe,
     save_untrained_clip,
     text_embeddings,
@@ -25,10 +25,10 @@ from clip_rc.toy.tiny_clip import (
 
 NAMES = [c.name for c in SYNTHETIC_CLASSES]
 # A recipe small enough for a unit test: 2-layer towers, a few steps.
-TOY = dict(
-    vision_hidden_size=32, vision_layers=2, text_hidden_size=32, text_layers=1, projection_dim=16, steps=3,
-    batch_size=8, log_every=0,
-)  # fmt: skip
+TOY = {
+    "vision_hidden_size": 32, "vision_layers": 2, "text_hidden_size": 32, "text_layers": 1, "projection_dim": 16, "steps": 3,
+    "batch_size": 8, "log_every": 0,
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,9 @@ def toy_clip_folder(tmp_path_factory, tokenizer):
 
 def test_tokenizer_round_trips_the_captions(tokenizer):
     world = SyntheticWorld()
-    captions = [caption for _, _, caption, _ in world.generate(300, seed=99)] + caption_corpus(num_captions=300, seed=5)
+    captions = [caption for _, _, caption, _ in world.generate(300, seed=99)] + caption_corpus(
+        num_captions=300, seed=5
+    )
     for caption in captions:
         ids = tokenizer(caption)["input_ids"]
         assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
@@ -74,7 +76,13 @@ def test_tokenizer_is_clip_shaped(tokenizer, tmp_path):
 
 
 def test_clip_folder_has_the_hub_layout(toy_clip_folder, tokenizer):
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    ):
         assert (toy_clip_folder / name).is_file(), name
     clip = CLIPModel.from_pretrained(toy_clip_folder)
     assert clip.config.vision_config.patch_size == 8 and clip.config.vision_config.image_size == 96
@@ -94,8 +102,9 @@ def test_clip_rc_starts_from_the_tiny_clip(toy_clip_folder):
     benchmark = synthetic_benchmark()
     clip = CLIPModel.from_pretrained(toy_clip_folder)
     config = CLIPRCConfig(
-        vision_config=clip.config.vision_config.to_dict(), crop_size=96, sliding_window_stride=64, num_prompt_tokens=2, region_grid_size=4, decoder_hidden_size=16,
-        decoder_num_attention_heads=2, decoder_intermediate_size=32, id2label=benchmark.id2label,
+        vision_config=clip.config.vision_config.to_dict(), crop_size=96, sliding_window_stride=64, num_prompt_tokens=2,
+        region_grid_size=4, decoder_hidden_size=16, decoder_num_attention_heads=2, decoder_intermediate_size=32,
+        id2label=benchmark.id2label,
         seen_class_ids=list(benchmark.seen_class_ids), prompt_templates=list(benchmark.templates),
     )  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(toy_clip_folder)
@@ -138,7 +147,11 @@ def test_patch_noun_loss_prefers_patches_showing_the_nouns():
     patch_noun_loss(patches, nouns, targets, scale).backward()
     assert torch.isfinite(patches.grad).all() and patches.grad.abs().sum() > 0
     # a noun no image names (or an image naming nothing) is skipped, not a NaN
-    assert torch.isfinite(patch_noun_loss(images(targets), nouns, torch.cat([targets[:, :2], torch.zeros(4, 1, dtype=torch.long)], 1), scale))
+    assert torch.isfinite(
+        patch_noun_loss(
+            images(targets), nouns, torch.cat([targets[:, :2], torch.zeros(4, 1, dtype=torch.long)], 1), scale
+        )
+    )
 
 
 def test_patch_embeddings_and_probe_shapes(toy_clip_folder):

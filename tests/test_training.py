@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import clip_rc
-from clip_rc import CLIPRCConfig, CLIPRCImageProcessor, PRESETS
+from clip_rc import PRESETS, CLIPRCConfig, CLIPRCImageProcessor
 from clip_rc.commands import train as training
 from clip_rc.commands.train import (
     InfiniteShardedBatchSampler,
@@ -33,10 +33,9 @@ from clip_rc.commands.train import (
     reference_parameter_groups,
 )
 
+from .colour_block_data import make_segmentation_dataset
 from .conftest import tiny_config, tiny_model
-from .synthetic import make_segmentation_dataset
-from .tiny_clip import save_tiny_clip
-from clip_rc.presets import preset_config
+from .random_clip import save_random_clip
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +49,7 @@ TINY_OVERRIDES = (
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+    return save_random_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +89,15 @@ def run_args(clip_dir, data_dir, output_dir, *extra, preset="voc-inductive", bat
     ]  # fmt: skip
 
 
-def expected_lr(iteration: int, base: float, total: int, warmup: int, ratio: float = 1e-6, power: float = 0.9,
-                minimum: float = 1e-6) -> float:
+def expected_lr(
+    iteration: int,
+    base: float,
+    total: int,
+    warmup: int,
+    ratio: float = 1e-6,
+    power: float = 0.9,
+    minimum: float = 1e-6,
+) -> float:
     """mmcv's poly schedule with linear warm-up, written out independently of clip_rc.commands.train."""
     regular = (base - minimum) * (1 - iteration / total) ** power + minimum
     if iteration < warmup:
@@ -120,7 +126,7 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     ],
 )
 def test_presets_set_the_reference_schedule(preset, steps, total_batch):
-    config = preset_config(preset)
+    config = CLIPRCConfig.from_preset(preset)
     training_args = TrainingArguments(output_dir="unused")
     for num_processes in (1, 2):
         plan = _resolve_plan(ModelArguments(preset=preset), training_args, config, num_processes)
@@ -139,23 +145,52 @@ def test_presets_set_the_reference_schedule(preset, steps, total_batch):
 
 
 def test_loss_weights_and_setting_come_from_the_preset():
-    weights = {name: preset_config(name) for name in PRESETS}
-    assert [weights["voc-inductive"].mask_loss_weight, weights["voc-inductive"].dice_loss_weight,
-            weights["voc-inductive"].recovery_loss_weight] == [100, 1, 2]
+    weights = {name: CLIPRCConfig.from_preset(name) for name in PRESETS}
+    assert [
+        weights["voc-inductive"].mask_loss_weight,
+        weights["voc-inductive"].dice_loss_weight,
+        weights["voc-inductive"].recovery_loss_weight,
+    ] == [100, 1, 2]
     assert weights["voc-fully"].recovery_loss_weight == 0
-    assert [weights["coco-stuff-inductive"].mask_loss_weight, weights["coco-stuff-inductive"].dice_loss_weight,
-            weights["coco-stuff-inductive"].recovery_loss_weight] == [200, 3, 50]
+    assert [
+        weights["coco-stuff-inductive"].mask_loss_weight,
+        weights["coco-stuff-inductive"].dice_loss_weight,
+        weights["coco-stuff-inductive"].recovery_loss_weight,
+    ] == [200, 3, 50]
     assert weights["coco-stuff-inductive"].num_prompt_tokens == 100
     assert weights["voc-transductive"].setting == "transductive"
 
 
 def test_arguments_from_json_and_yaml_files(tmp_path):
-    cli = ["--preset", "voc-fully", "--clip_model_name_or_path", "clip", "--dataset", "data", "--output_dir", "out",
-           "--max_steps", "7", "--train_scale", "256", "64", "--no_photometric_distortion",
-           "--report_to", "tensorboard"]
+    cli = [
+        "--preset",
+        "voc-fully",
+        "--clip_model_name_or_path",
+        "clip",
+        "--dataset",
+        "data",
+        "--output_dir",
+        "out",
+        "--max_steps",
+        "7",
+        "--train_scale",
+        "256",
+        "64",
+        "--no_photometric_distortion",
+        "--report_to",
+        "tensorboard",
+    ]
     from_cli = parse_args(cli)
-    values = {"preset": "voc-fully", "clip_model_name_or_path": "clip", "dataset": "data", "output_dir": "out",
-              "max_steps": 7, "train_scale": [256, 64], "photometric_distortion": False, "report_to": "tensorboard"}
+    values = {
+        "preset": "voc-fully",
+        "clip_model_name_or_path": "clip",
+        "dataset": "data",
+        "output_dir": "out",
+        "max_steps": 7,
+        "train_scale": [256, 64],
+        "photometric_distortion": False,
+        "report_to": "tensorboard",
+    }
     (tmp_path / "args.json").write_text(json.dumps(values))
     import yaml
 
@@ -194,15 +229,18 @@ def test_parameter_groups_and_learning_rates_follow_spec():
     for group in groups:
         assert group["lr"] == pytest.approx(2e-4) and group["weight_decay"] == pytest.approx(0.01)
     backbone = next(group for group in groups if group["name"] == "backbone")
-    assert {"clip_rc.vision_model.prompt_norm.weight", "clip_rc.vision_model.prompt_proj.weight",
-            "clip_rc.vision_model.prompt_embeddings", "clip_rc.vision_model.deep_prompt_embeddings"} <= set(
-        backbone["param_names"]
-    )
+    assert {
+        "clip_rc.vision_model.prompt_norm.weight",
+        "clip_rc.vision_model.prompt_proj.weight",
+        "clip_rc.vision_model.prompt_embeddings",
+        "clip_rc.vision_model.deep_prompt_embeddings",
+    } <= set(backbone["param_names"])
     assert not any(name.startswith(("clip_rc.text_model", "clip_rc.visual_projection")) for name in grouped)
 
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in groups], lr=2e-5)
-    scheduler = PolyWarmupLR(optimizer, total_steps=40_000, warmup_steps=1500, warmup_ratio=1e-6, power=0.9,
-                             min_lr=1e-6)
+    scheduler = PolyWarmupLR(
+        optimizer, total_steps=40_000, warmup_steps=1500, warmup_ratio=1e-6, power=0.9, min_lr=1e-6
+    )
     checkpoints = {0, 1, 750, 1499, 1500, 1501, 20_000, 39_999, 40_000}
     seen = set()
     with warnings.catch_warnings():
@@ -210,7 +248,9 @@ def test_parameter_groups_and_learning_rates_follow_spec():
         for iteration in range(40_001):
             if iteration in checkpoints:
                 for group in optimizer.param_groups:
-                    assert group["lr"] == pytest.approx(expected_lr(iteration, 2e-4, 40_000, 1500), rel=1e-9, abs=1e-15)
+                    assert group["lr"] == pytest.approx(
+                        expected_lr(iteration, 2e-4, 40_000, 1500), rel=1e-9, abs=1e-15
+                    )
                 seen.add(iteration)
             scheduler.step()
     assert seen == checkpoints
@@ -260,6 +300,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_launch_trains_saves_and_logs(tiny_clip_dir, dataset_dir, tmp_path):
     output_dir = tmp_path / "ddp"
     # `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless mpirun is installed;
@@ -302,22 +343,29 @@ def test_two_process_launch_trains_saves_and_logs(tiny_clip_dir, dataset_dir, tm
         accumulator = EventAccumulator(str(event_file))
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
-    assert {"train/loss", "train/loss_focal", "train/loss_dice", "train/lr_backbone", "train/lr_head",
-            "eval/mean_iou"} <= tags
+    assert {
+        "train/loss",
+        "train/loss_focal",
+        "train/loss_dice",
+        "train/lr_backbone",
+        "train/lr_head",
+        "eval/mean_iou",
+    } <= tags
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_clip_dir, dataset_dir, tmp_path, monkeypatch):
-    common = ("--max_steps", "5", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-4",
-              "--warmup_steps", "0", "--no_final_evaluation")
+    common = (
+        "--max_steps 5 --gradient_accumulation_steps 2 --learning_rate 1e-4 --warmup_steps 0 --no_final_evaluation"
+    )
     # Uninterrupted, checkpointing every step, keeping the last two.
-    reference = training.train(run_args(
-        tiny_clip_dir, dataset_dir, tmp_path / "a", *common, "--checkpointing_steps", "1",
-        "--checkpoints_total_limit", "2", batch_size=1))
+    uninterrupted = f"{common} --checkpointing_steps 1 --checkpoints_total_limit 2".split()
+    reference = training.train(run_args(tiny_clip_dir, dataset_dir, tmp_path / "a", *uninterrupted, batch_size=1))
     assert [path.name for path in list_checkpoints(tmp_path / "a")] == ["checkpoint-4", "checkpoint-5"]
 
     # The same run crashing inside iteration 3 (after checkpoint-2), while loading its first micro-batch.
-    interrupted = run_args(tiny_clip_dir, dataset_dir, tmp_path / "b", *common, "--checkpointing_steps", "2",
-                           batch_size=1)
+    interrupted = run_args(
+        tiny_clip_dir, dataset_dir, tmp_path / "b", *common.split(), "--checkpointing_steps", "2", batch_size=1
+    )
     original_getitem = training.AugmentedTrainSamples.__getitem__
     calls = {"count": 0}
 
@@ -344,7 +392,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_clip_dir, datase
         (tmp_path / "b" / leftover / training.OWNER_MARKER).write_text("")
     assert find_latest_checkpoint(tmp_path / "b") == tmp_path / "b" / "checkpoint-2"
     state = json.loads((tmp_path / "b" / "checkpoint-2" / "training_state.json").read_text())
-    assert (state["global_step"], state["consumed_samples"], state["epoch"], state["position_in_epoch"]) == (2, 4, 0, 4)
+    position = (state["global_step"], state["consumed_samples"], state["epoch"], state["position_in_epoch"])
+    assert position == (2, 4, 0, 4)
 
     resumed = training.train(interrupted + ["--resume_from_checkpoint", "latest"])
     assert resumed["global_step"] == 5
@@ -379,10 +428,26 @@ def test_loss_falls_and_logged_learning_rates_follow_the_schedule(tiny_clip_dir,
         return evaluate_model(*args, image_processor=image_processor, **kwargs)
 
     monkeypatch.setattr(training, "evaluate_model", recording_evaluate_model)
-    result = training.train(run_args(
-        tiny_clip_dir, dataset_dir, tmp_path / "run", "--max_steps", str(steps), "--learning_rate", "1e-4",
-        "--warmup_steps", str(warmup), "--lr_decay_steps", str(steps), "--seed", "1", "--gradient_checkpointing",
-        "True", batch_size=3))
+    result = training.train(
+        run_args(
+            tiny_clip_dir,
+            dataset_dir,
+            tmp_path / "run",
+            "--max_steps",
+            str(steps),
+            "--learning_rate",
+            "1e-4",
+            "--warmup_steps",
+            str(warmup),
+            "--lr_decay_steps",
+            str(steps),
+            "--seed",
+            "1",
+            "--gradient_checkpointing",
+            "True",
+            batch_size=3,
+        )
+    )
     train_logs = [entry for entry in result["log_history"] if "train/loss" in entry]
     assert [entry["step"] for entry in train_logs] == list(range(1, steps + 1))
     for entry in train_logs:  # the lr used by update s is mmcv's lr at iteration s - 1
@@ -401,34 +466,41 @@ def test_loss_falls_and_logged_learning_rates_follow_the_schedule(tiny_clip_dir,
     assert len(text_encodings) == 1 and tuple(text_encodings[0][:2]) == (20, 1)
 
 
+class FakeHfApi:
+    """`huggingface_hub.HfApi` without the Hub: records `create_repo` and `upload_folder` calls in `calls`."""
+
+    calls: list = []
+
+    def create_repo(self, repo_id, exist_ok=False, private=False, **kwargs):
+        self.calls.append(("create_repo", repo_id, exist_ok, private))
+
+        class RepoUrl(str):
+            pass
+
+        url = RepoUrl(f"https://huggingface.co/{repo_id}")
+        url.repo_id = repo_id
+        return url
+
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        self.calls.append(("upload_folder", repo_id, folder_path, files, ignore_patterns))
+
+
 def test_transductive_stage_starts_from_an_inductive_checkpoint_and_pushes(
     tiny_clip_dir, dataset_dir, tmp_path, monkeypatch
 ):
     inductive_dir = tmp_path / "inductive"
-    training.train(run_args(tiny_clip_dir, dataset_dir, inductive_dir, "--max_steps", "2", "--checkpointing_steps", "2",
-                           "--learning_rate", "1e-4", "--warmup_steps", "0", "--no_final_evaluation"))
+    inductive_args = (
+        "--max_steps 2 --checkpointing_steps 2 --learning_rate 1e-4 --warmup_steps 0 --no_final_evaluation"
+    )
+    training.train(run_args(tiny_clip_dir, dataset_dir, inductive_dir, *inductive_args.split()))
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
 
     calls = []
-
-    class FakeHfApi:
-        def create_repo(self, repo_id, exist_ok=False, private=False, **kwargs):
-            calls.append(("create_repo", repo_id, exist_ok, private))
-
-            class RepoUrl(str):
-                pass
-
-            url = RepoUrl(f"https://huggingface.co/{repo_id}")
-            url.repo_id = repo_id
-            return url
-
-        def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kwargs):
-            files = sorted(p.name for p in Path(folder_path).iterdir())
-            calls.append(("upload_folder", repo_id, folder_path, files, ignore_patterns))
-
+    FakeHfApi.calls = calls
     monkeypatch.setattr(training, "HfApi", FakeHfApi)
 
     def no_text_encoding(*args, **kwargs):

@@ -57,9 +57,9 @@ from transformers import CLIPConfig, CLIPModel
 from transformers.utils import logging
 
 from ..configuration_clip_rc import CLIPRCConfig
-from ..presets import PRESETS
 from ..image_processing_clip_rc import CLIPRCImageProcessor
 from ..modeling_clip_rc import CLIPRCForSemanticSegmentation
+from ..presets import PRESETS
 from ..processing_clip_rc import CLIPRCProcessor
 from ..utils import (
     atomic_output_dir,
@@ -70,7 +70,6 @@ from ..utils import (
     non_finite_tensors,
     setup_logging,
 )
-from ..presets import preset_config
 
 
 logger = logging.get_logger("clip_rc.commands.convert")  # also when run as __main__
@@ -121,8 +120,16 @@ def _rules(*pairs):
 
 # Library name (after the tower prefix) -> foreign name template (groups formatted in), transform.
 _LAYER_RULES = (
-    (r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", "transformer.resblocks.{0}.attn.in_proj_{2}", QKV),
-    (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", "transformer.resblocks.{0}.attn.out_proj.{1}", COPY),
+    (
+        r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)",
+        "transformer.resblocks.{0}.attn.in_proj_{2}",
+        QKV,
+    ),
+    (
+        r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)",
+        "transformer.resblocks.{0}.attn.out_proj.{1}",
+        COPY,
+    ),
     (r"encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)", "transformer.resblocks.{0}.ln_1.{1}", COPY),
     (r"encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", "transformer.resblocks.{0}.mlp.c_fc.{1}", COPY),
     (r"encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)", "transformer.resblocks.{0}.mlp.c_proj.{1}", COPY),
@@ -159,8 +166,12 @@ _HEAD_RULES = _rules(
 # Weights of the reference's decoder layers that its forward never reads (torch's TransformerDecoderLayer keeps a
 # self-attention and its norm, which the reference's cross-only subclass skips).
 _UNUSED_DECODER_PARAMS = (
-    "self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight", "self_attn.out_proj.bias",
-    "norm1.weight", "norm1.bias",
+    "self_attn.in_proj_weight",
+    "self_attn.in_proj_bias",
+    "self_attn.out_proj.weight",
+    "self_attn.out_proj.bias",
+    "norm1.weight",
+    "norm1.bias",
 )
 _UNUSED_ORIGINAL = re.compile(
     r"^decode_head\.(decoder_[qv]\.layers|recovery_decoder\.decouple_[qv])\.\d+\.("
@@ -522,7 +533,9 @@ def _heads(width: int, base_width: int, base_heads: int, override: int | None, w
                 f"give its attention head count explicitly (a config, or --{what.split()[0]}-heads)."
             )
         heads = width // 64
-        logger.warning("%s: %d wide, unlike the preset; using CLIP's rule heads = width / 64 = %d.", what, width, heads)
+        logger.warning(
+            "%s: %d wide, unlike the preset; using CLIP's rule heads = width / 64 = %d.", what, width, heads
+        )
     if heads < 1 or width % heads:
         raise CheckpointConversionError(f"The {what} width {width} is not divisible into {heads} heads.")
     return heads
@@ -533,57 +546,71 @@ def _config_from_architecture(
 ) -> CLIPRCConfig:
     """`base` (a preset: class names, split, setting, templates, loss weights) with the checkpoint's sizes."""
     values = base.to_dict()
-    vision = dict(values["vision_config"])
-    vision.update(architecture["vision"])
-    vision["num_attention_heads"] = _heads(
-        vision["hidden_size"], base.vision_config.hidden_size, base.vision_config.num_attention_heads,
-        vision_num_heads, "vision tower",
+    projection_dim = architecture["projection_dim"]
+    vision = _tower_config(
+        values["vision_config"], architecture["vision"], base.vision_config, vision_num_heads, "vision tower"
     )
-    vision["projection_dim"] = architecture["projection_dim"]
-    text = dict(values["text_config"])
-    text.update(architecture["text"])
-    text["num_attention_heads"] = _heads(
-        text["hidden_size"], base.text_config.hidden_size, base.text_config.num_attention_heads,
-        text_num_heads, "text tower",
-    )
-    text["projection_dim"] = architecture["projection_dim"]
-    vocab_size = text["vocab_size"]
-    if any(text.get(key) is not None and text[key] >= vocab_size for key in ("eos_token_id", "bos_token_id")):
-        # CLIP's end-of-text token is the highest id (the reference pools at input_ids.argmax()).
-        logger.warning(
-            "The checkpoint's vocabulary has %d tokens: using eos_token_id=%d, bos_token_id=%d (CLIP's convention: "
-            "the last two ids).", vocab_size, vocab_size - 1, vocab_size - 2,
-        )
-        text.update(eos_token_id=vocab_size - 1, bos_token_id=vocab_size - 2)
-        if text.get("pad_token_id") is not None and text["pad_token_id"] >= vocab_size:
-            text["pad_token_id"] = vocab_size - 1
-
+    text = _tower_config(values["text_config"], architecture["text"], base.text_config, text_num_heads, "text tower")
+    vision["projection_dim"] = text["projection_dim"] = projection_dim
+    _use_clip_token_ids(text)
     crop_size = architecture["crop_size"]
-    stride = base.sliding_window_stride
-    if crop_size != base.crop_size:
-        stride = max(1, round(crop_size * base.sliding_window_stride / base.crop_size))
-        logger.warning(
-            "Crop size %d (from the position table) differs from the preset's %d: sliding-window stride set to %d.",
-            crop_size, base.crop_size, stride,
-        )
-    decoder_heads = decoder_num_heads or base.decoder_num_attention_heads
     values.update(
         vision_config=vision,
         text_config=text,
-        projection_dim=architecture["projection_dim"],
+        projection_dim=projection_dim,
         crop_size=crop_size,
-        sliding_window_stride=stride,
+        sliding_window_stride=_window_stride(crop_size, base),
         num_prompt_tokens=architecture["num_prompt_tokens"],
         region_grid_size=architecture["region_grid_size"],
         decoder_hidden_size=architecture["decoder_hidden_size"],
         decoder_intermediate_size=architecture["decoder_intermediate_size"],
         decoder_num_layers=architecture["decoder_num_layers"],
         recovery_num_layers=architecture["recovery_num_layers"],
-        decoder_num_attention_heads=decoder_heads,
+        decoder_num_attention_heads=decoder_num_heads or base.decoder_num_attention_heads,
     )
     for key in ("transformers_version", "architectures", "auto_map", "model_type"):
         values.pop(key, None)
     return CLIPRCConfig(**values)
+
+
+def _tower_config(base_values: dict, sizes: dict, base_tower, num_heads: int | None, what: str) -> dict:
+    """A tower's config fields: the preset's, with the checkpoint's sizes and a head count that fits its width."""
+    tower = {**base_values, **sizes}
+    tower["num_attention_heads"] = _heads(
+        tower["hidden_size"], base_tower.hidden_size, base_tower.num_attention_heads, num_heads, what
+    )
+    return tower
+
+
+def _use_clip_token_ids(text: dict):
+    """Special token ids inside the checkpoint's vocabulary: CLIP's end-of-text token is the highest id (the
+    reference pools at `input_ids.argmax()`), beginning-of-text the one before."""
+    vocab_size = text["vocab_size"]
+    if any(text.get(key) is not None and text[key] >= vocab_size for key in ("eos_token_id", "bos_token_id")):
+        logger.warning(
+            "The checkpoint's vocabulary has %d tokens: using eos_token_id=%d, bos_token_id=%d (CLIP's convention: "
+            "the last two ids).",
+            vocab_size,
+            vocab_size - 1,
+            vocab_size - 2,
+        )
+        text.update(eos_token_id=vocab_size - 1, bos_token_id=vocab_size - 2)
+        if text.get("pad_token_id") is not None and text["pad_token_id"] >= vocab_size:
+            text["pad_token_id"] = vocab_size - 1
+
+
+def _window_stride(crop_size: int, base: CLIPRCConfig) -> int:
+    """The preset's sliding-window stride, scaled when the checkpoint's crop (from its position table) differs."""
+    if crop_size == base.crop_size:
+        return base.sliding_window_stride
+    stride = max(1, round(crop_size * base.sliding_window_stride / base.crop_size))
+    logger.warning(
+        "Crop size %d (from the position table) differs from the preset's %d: sliding-window stride set to %d.",
+        crop_size,
+        base.crop_size,
+        stride,
+    )
+    return stride
 
 
 # ---- reference checkpoint -> library -------------------------------------------------------------------------------
@@ -643,14 +670,27 @@ def convert_original_checkpoint(
     unexpected or mis-shaped tensor is an error.
     """
     model, _ = _convert_original(
-        path, config, tokenizer, preset=preset, class_embeddings=class_embeddings,
-        vision_num_heads=vision_num_heads, text_num_heads=text_num_heads, decoder_num_heads=decoder_num_heads,
+        path,
+        config,
+        tokenizer,
+        preset=preset,
+        class_embeddings=class_embeddings,
+        vision_num_heads=vision_num_heads,
+        text_num_heads=text_num_heads,
+        decoder_num_heads=decoder_num_heads,
     )
     return model
 
 
 def _convert_original(
-    path, config, tokenizer, *, preset=None, class_embeddings=None, vision_num_heads=None, text_num_heads=None,
+    path,
+    config,
+    tokenizer,
+    *,
+    preset=None,
+    class_embeddings=None,
+    vision_num_heads=None,
+    text_num_heads=None,
     decoder_num_heads=None,
 ) -> tuple[CLIPRCForSemanticSegmentation, ConversionSummary]:
     state, meta, origin = _load_state(path, "reference")
@@ -662,7 +702,7 @@ def _convert_original(
             preset = "voc-inductive"
         architecture = read_original_architecture(state, origin)
         config = _config_from_architecture(
-            architecture, preset_config(preset), vision_num_heads, text_num_heads, decoder_num_heads
+            architecture, CLIPRCConfig.from_preset(preset), vision_num_heads, text_num_heads, decoder_num_heads
         )
     elif any(value is not None for value in (preset, vision_num_heads, text_num_heads, decoder_num_heads)):
         raise ValueError("With an explicit `config`, do not also pass a preset or head counts.")
@@ -671,12 +711,16 @@ def _convert_original(
     if dropped:
         logger.info(
             "Dropped %d tensors of %s that the reference never uses (decoder self-attention and norm1).",
-            len(dropped), origin,
+            len(dropped),
+            origin,
         )
     classes = meta.get("CLASSES") if isinstance(meta, Mapping) else None
     if classes is not None and len(classes) != config.num_labels:
         logger.warning(
-            "%s was trained with %d classes (meta CLASSES), the config has %d.", origin, len(classes), config.num_labels
+            "%s was trained with %d classes (meta CLASSES), the config has %d.",
+            origin,
+            len(classes),
+            config.num_labels,
         )
 
     model = CLIPRCForSemanticSegmentation(config)
@@ -716,7 +760,8 @@ def _set_class_embeddings(model, class_embeddings, tokenizer, origin: str) -> st
         return f"computed with the converted text tower ({config.num_labels} classes x {len(config.prompt_templates)} templates)"
     logger.warning(
         "No tokenizer given: the class embeddings of %s are not set (the reference keeps them outside the "
-        "checkpoint). Call model.set_class_embeddings(...) or pass text_embeds / input_ids at run time.", origin,
+        "checkpoint). Call model.set_class_embeddings(...) or pass text_embeds / input_ids at run time.",
+        origin,
     )
     return "not set"
 
@@ -926,7 +971,15 @@ def read_torchscript_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]
             declared = _declared_state_names(archive, prefix)
     except CheckpointConversionError:
         raise
-    except (zipfile.BadZipFile, OSError, KeyError, EOFError, pickle.UnpicklingError, ValueError, RuntimeError) as error:
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        KeyError,
+        EOFError,
+        pickle.UnpicklingError,
+        ValueError,
+        RuntimeError,
+    ) as error:
         raise CheckpointConversionError(f"Cannot read the tensors of {origin}: {error}") from error
     if not isinstance(root, _ScriptObject):
         raise CheckpointConversionError(f"{origin} holds a {type(root).__name__}, not a module.")
@@ -1007,14 +1060,19 @@ def load_openai_clip(
     grid = _square_root(positions[0] - 1, "the number of patch position rows", origin)
     vocab_size = tokens[0]
     vision.update(
-        patch_size=conv[-1], image_size=grid * conv[-1], num_channels=conv[1],
+        patch_size=conv[-1],
+        image_size=grid * conv[-1],
+        num_channels=conv[1],
         num_attention_heads=vision_num_heads or _openai_heads(vision["hidden_size"], "vision", origin),
     )
     text.update(
-        vocab_size=vocab_size, max_position_embeddings=text_positions[0],
+        vocab_size=vocab_size,
+        max_position_embeddings=text_positions[0],
         num_attention_heads=text_num_heads or _openai_heads(text["hidden_size"], "text", origin),
         # The end-of-text token is the highest id, the start token the one before (49407 / 49406 for OpenAI's BPE).
-        eos_token_id=vocab_size - 1, bos_token_id=vocab_size - 2, pad_token_id=min(1, vocab_size - 1),
+        eos_token_id=vocab_size - 1,
+        bos_token_id=vocab_size - 2,
+        pad_token_id=min(1, vocab_size - 1),
     )
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection[1])
     hub_state = openai_to_hub_state_dict(state, config, origin)
@@ -1046,7 +1104,9 @@ def save_converted(model: CLIPRCForSemanticSegmentation, output_dir, tokenizer=N
         if tokenizer is None:
             image_processor.save_pretrained(folder)
         else:
-            CLIPRCProcessor(image_processor, tokenizer, templates=model.config.prompt_templates).save_pretrained(folder)
+            CLIPRCProcessor(image_processor, tokenizer, templates=model.config.prompt_templates).save_pretrained(
+                folder
+            )
     return Path(output_dir)
 
 
@@ -1061,28 +1121,40 @@ def _build_parser() -> argparse.ArgumentParser:
             "model folder, or, with --to-original, a model folder of this library into a reference checkpoint."
         ),
     )
-    parser.add_argument("--checkpoint", required=True, help="Reference .pth file (or, with --to-original, a model folder).")
     parser.add_argument(
-        "--output_dir", "--output-dir", dest="output_dir", required=True,
+        "--checkpoint", required=True, help="Reference .pth file (or, with --to-original, a model folder)."
+    )
+    parser.add_argument(
+        "--output_dir",
+        "--output-dir",
+        dest="output_dir",
+        required=True,
         help="Model folder to write (replaced atomically). With --to-original: a .pth file, or a folder that receives "
         "model.pth.",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=PRESETS, help="Recipe giving class names, split, setting and templates.")
     source.add_argument("--config", help="A CLIPRCConfig (config.json or a folder holding one); shapes are checked.")
-    parser.add_argument("--tokenizer", help="Local CLIP tokenizer folder: class embeddings are computed and it is saved.")
-    parser.add_argument("--class-embeddings", help="A (C, E) .npy (the reference's text embedding file) or tensor file.")
-    parser.add_argument("--vision-heads", type=int, help="Image tower attention heads (default: preset, or width / 64).")
+    parser.add_argument(
+        "--tokenizer", help="Local CLIP tokenizer folder: class embeddings are computed and it is saved."
+    )
+    parser.add_argument(
+        "--class-embeddings", help="A (C, E) .npy (the reference's text embedding file) or tensor file."
+    )
+    parser.add_argument(
+        "--vision-heads", type=int, help="Image tower attention heads (default: preset, or width / 64)."
+    )
     parser.add_argument("--text-heads", type=int, help="Text tower attention heads (default: preset, or width / 64).")
     parser.add_argument("--decoder-heads", type=int, help="Decoder attention heads (default: the preset's 8).")
-    parser.add_argument("--to-original", action="store_true", help="Convert this library's folder to the reference layout.")
     parser.add_argument(
-        "--no-unused-weights", action="store_true",
+        "--to-original", action="store_true", help="Convert this library's folder to the reference layout."
+    )
+    parser.add_argument(
+        "--no-unused-weights",
+        action="store_true",
         help="With --to-original: omit the zero-filled decoder self_attn / norm1 tensors the reference never uses.",
     )
     return parser
-
-
 
 
 def _load_tokenizer(path):
@@ -1107,13 +1179,20 @@ def main(argv: list[str] | None = None) -> int:
 def _main_from_original(args) -> int:
     config = load_clip_rc_config(args.config) if args.config else None
     tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
-    heads = {"vision_num_heads": args.vision_heads, "text_num_heads": args.text_heads,
-             "decoder_num_heads": args.decoder_heads}
+    heads = {
+        "vision_num_heads": args.vision_heads,
+        "text_num_heads": args.text_heads,
+        "decoder_num_heads": args.decoder_heads,
+    }
     if config is not None and any(value is not None for value in heads.values()):
         raise ValueError("--vision-heads / --text-heads / --decoder-heads apply to --preset only; edit the config.")
     model, summary = _convert_original(
-        args.checkpoint, config, tokenizer, preset=None if config is not None else (args.preset or "voc-inductive"),
-        class_embeddings=args.class_embeddings, **({} if config is not None else heads),
+        args.checkpoint,
+        config,
+        tokenizer,
+        preset=None if config is not None else (args.preset or "voc-inductive"),
+        class_embeddings=args.class_embeddings,
+        **({} if config is not None else heads),
     )
     output = save_converted(model, args.output_dir, tokenizer)
     config = model.config

@@ -38,10 +38,11 @@ from accelerate import Accelerator
 
 from ..class_sets import BENCHMARKS, ClassList, class_list, class_names_from_arguments, get_benchmark
 from ..configuration_clip_rc import check_templates
-from ..evaluation import EvaluationClasses, evaluate_model, resolve_classes
 from ..data import dataset_class_names, installed_decoder, load_segmentation_dataset
+from ..evaluation import EvaluationClasses, evaluate_model, resolve_classes
 from ..inference import load_model_and_processor
 from ..metrics import format_results_table
+from ..precision import DTYPE_CHOICES, accelerator_device_type, mixed_precision_of, resolve_dtype
 from ..utils import json_ready, launched_without_accelerator, setup_logging, write_json_atomic
 from ..visualization import class_palette, overlay_label_map, save_iou_plot
 
@@ -78,7 +79,9 @@ def _model_arguments(parser: argparse.ArgumentParser):
 def _data_arguments(parser: argparse.ArgumentParser):
     data = parser.add_argument_group("data (one of --data_root / --dataset)")
     data.add_argument("--data_root", default=None, help="Local benchmark tree (VOCdevkit, COCO-Stuff, Context).")
-    data.add_argument("--dataset", default=None, help="Hub dataset id, local dataset repository or save_to_disk folder.")
+    data.add_argument(
+        "--dataset", default=None, help="Hub dataset id, local dataset repository or save_to_disk folder."
+    )
     data.add_argument(
         "--benchmark", choices=sorted(BENCHMARKS), default=None,
         help="Benchmark the labels belong to (inferred for VOC / COCO-Stuff trees; picks Context-59 or -60).",
@@ -101,17 +104,26 @@ def _class_arguments(parser: argparse.ArgumentParser):
     classes = parser.add_argument_group(
         "classes (default: the dataset's id2label.json if it has one, else the model's own classes and split)"
     )
-    classes.add_argument("--class_names", default=None,
-                         help="Your own classes, comma-separated, in label-id order (label k is the k-th name).")
-    classes.add_argument("--class_names_file", default=None,
-                         help="A UTF-8 text file with one class name a line (line k + 1 names label k).")
     classes.add_argument(
-        "--class_names_from", choices=sorted(BENCHMARKS), default=None,
+        "--class_names",
+        default=None,
+        help="Your own classes, comma-separated, in label-id order (label k is the k-th name).",
+    )
+    classes.add_argument(
+        "--class_names_file",
+        default=None,
+        help="A UTF-8 text file with one class name a line (line k + 1 names label k).",
+    )
+    classes.add_argument(
+        "--class_names_from",
+        choices=sorted(BENCHMARKS),
+        default=None,
         help="Score with another benchmark's class names (cross-dataset): encoded with the model's text tower and "
         "templates; the seen / unseen split comes from that benchmark.",
     )
     classes.add_argument(
-        "--unseen_classes", default=None,
+        "--unseen_classes",
+        default=None,
         help="The zero-shot split of the scored classes: unseen classes by name or id, comma-separated (default: "
         "the model's split for its own classes, the benchmark's for a benchmark's classes, none otherwise).",
     )
@@ -137,6 +149,11 @@ def _scoring_and_output_arguments(parser: argparse.ArgumentParser):
     )  # fmt: skip
     scoring.add_argument("--atol", type=float, default=1e-6, help="Tolerance of --cross_check_evaluate.")
     scoring.add_argument("--cpu", action="store_true", help="Run on CPU even if an accelerator is available.")
+    scoring.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="fp32",
+        help="fp32 (the reference's scores), bf16 / fp16 autocast, or auto: bf16 where the processor multiplies bf16 "
+        "fast, fp32 elsewhere.",
+    )  # fmt: skip
 
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="eval_results", help="Where metrics.json (and images) are written.")
@@ -257,10 +274,15 @@ def _write_results(args, accelerator, results, split) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate as `args` says; returns the metrics record (as written to metrics.json) on every process."""
     # Several processes started by a launcher on a machine without an accelerator run as one gloo group.
-    accelerator = Accelerator(cpu=args.cpu or launched_without_accelerator())
+    cpu = args.cpu or launched_without_accelerator()
+    dtype = resolve_dtype(args.dtype, accelerator_device_type(cpu))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision_of(dtype))
     setup_logging(accelerator.is_main_process)
     model, image_processor, tokenizer = load_model_and_processor(
-        args.model, args.processor, trust_remote_code=args.trust_remote_code, device=accelerator.device,
+        args.model,
+        args.processor,
+        trust_remote_code=args.trust_remote_code,
+        device=accelerator.device,
         allow_missing_weights=args.allow_missing_weights,
     )
     classes, palette, class_source = classes_from_args(args, model, image_processor, tokenizer)

@@ -27,7 +27,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,19 +35,19 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.export import Dim
 from transformers.exporters import AutoHfExporter, DynamoConfig, ExportedModel, OnnxConfig
-from transformers.utils import ModelOutput
 
 from ..configuration_clip_rc import CLIPRCConfig
-from ..inference import load_model_and_processor
-from ..modeling_clip_rc import CLIPRCForSemanticSegmentation, CLIPRCModel
-from ..processing_clip_rc import CLIPRCProcessor
 from ..exported_model import (
     CLASS_EMBEDDINGS_FILE,
     EXPORT_FORMATS,
     SEGMENTATION_COMPONENT,
     TEXT_COMPONENT,
+    CLIPRCTextEncoderOutput,
     image_size_multiple,
 )
+from ..inference import load_model_and_processor
+from ..modeling_clip_rc import CLIPRCForSemanticSegmentation, CLIPRCModel
+from ..processing_clip_rc import CLIPRCProcessor
 from ..utils import atomic_output_dir, setup_logging
 
 
@@ -60,7 +59,6 @@ __all__ = [
     "SEGMENTATION_COMPONENT",
     "TEXT_COMPONENT",
     "CLIPRCTextEncoder",
-    "CLIPRCTextEncoderOutput",
     "export_model",
     "export_segmentation_model",
     "export_text_tower",
@@ -68,18 +66,6 @@ __all__ = [
     "main",
     "save_export",
 ]
-
-# Command-line format names -> transformers' `ExportFormat` values.
-
-
-@dataclass
-class CLIPRCTextEncoderOutput(ModelOutput):
-    """
-    Args:
-        text_embeds (`torch.FloatTensor` of shape `(C, E)`): normalised class embeddings, template-averaged.
-    """
-
-    text_embeds: torch.FloatTensor | None = None
 
 
 class CLIPRCTextEncoder(nn.Module):
@@ -158,7 +144,9 @@ def export_text_tower(
         )
 
 
-def export_model(model: CLIPRCForSemanticSegmentation, processor: CLIPRCProcessor, export_format: str) -> ExportedModel:
+def export_model(
+    model: CLIPRCForSemanticSegmentation, processor: CLIPRCProcessor, export_format: str
+) -> ExportedModel:
     """
     Export the segmentation model and its text tower (see [`export_segmentation_model`], [`export_text_tower`]).
 

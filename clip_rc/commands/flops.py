@@ -3,8 +3,8 @@ Parameter and FLOP report of a CLIP-RC configuration (`clip-rc-flops`, also `pyt
 
 Parameters are counted per part (image tower with its projection, prompts and region tokens; text tower with its
 projection; decode head, of which the training-only recovery branch), total and trainable (the reference's frozen
-set). FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` on a model built on the `meta` device (no
-weights are materialised or downloaded): per crop for the image tower and the head at inference (plus the recovery
+set). FLOPs are counted with [`clip_rc.profiling.count_flops`] on a model built on the `meta` device (no weights are
+materialised or downloaded): per crop for the image tower and the head at inference (plus the recovery
 branch used in training), and per class prompt for the text tower. FlopCounterMode counts a multiply-add as 2 FLOPs
 (so MACs = FLOPs / 2; mmcv's `get_flops.py`, used by the reference, reports MACs under the name "FLOPs") and counts
 matrix products, convolutions and attention only (no norms, activations, softmax).
@@ -17,20 +17,15 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode
-from transformers.utils import logging
 
 from ..configuration_clip_rc import CLIPRCConfig
-from ..presets import PRESETS
 from ..modeling_clip_rc import CLIPRCForSemanticSegmentation
+from ..presets import PRESETS
+from ..profiling import count_flops
 from ..utils import load_clip_rc_config, write_json_atomic
-from ..presets import preset_config
 
 
-logger = logging.get_logger("clip_rc.commands.flops")  # also when run as __main__
-
-__all__ = ["count_parameters", "count_flops", "flop_report", "format_report", "main_flops"]
+__all__ = ["count_parameters", "flop_breakdown", "flop_report", "format_report", "main_flops"]
 
 
 def _parameter_counts(parameters) -> dict[str, int]:
@@ -57,25 +52,12 @@ def count_parameters(model: CLIPRCForSemanticSegmentation) -> dict[str, dict[str
     }
 
 
-def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-# torch's counter has no formula for the fused CPU attention kernel (on `meta`, attention decomposes into counted
-# matrix products); give it the same formula as the other attention kernels so CPU and meta counts agree.
-_EXTRA_FORMULAS = {}
-if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
-    _EXTRA_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_attention_flops
-
-
 def _flops(function) -> int:
-    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
-    with counter, torch.no_grad():
-        function()
-    return int(counter.get_total_flops())
+    with torch.no_grad():
+        return count_flops(function)
 
 
-def count_flops(
+def flop_breakdown(
     model: CLIPRCForSemanticSegmentation, image_size: int | None = None, num_classes: int | None = None
 ) -> dict[str, int]:
     """
@@ -131,14 +113,16 @@ def _resolve_config(config_or_name) -> CLIPRCConfig:
         return config_or_name
     name = str(config_or_name)
     if name in PRESETS:
-        return preset_config(name)
+        return CLIPRCConfig.from_preset(name)
     if Path(name).exists():
         return load_clip_rc_config(name)
     raise ValueError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a config file or model folder.")
 
 
 def flop_report(
-    config_or_name: CLIPRCConfig | str, image_size: int | None = None, num_classes: int | None = None,
+    config_or_name: CLIPRCConfig | str,
+    image_size: int | None = None,
+    num_classes: int | None = None,
     device: str | torch.device = "meta",
 ) -> dict:
     """Parameters and FLOPs of a configuration (a `CLIPRCConfig`, a preset name, a config.json or a model folder),
@@ -153,7 +137,7 @@ def flop_report(
         "num_classes": num_classes,
         "num_templates": len(config.prompt_templates),
         "parameters": count_parameters(model),
-        "flops": count_flops(model, image_size, num_classes),
+        "flops": flop_breakdown(model, image_size, num_classes),
     }
 
 
@@ -172,8 +156,13 @@ def format_report(report: dict) -> str:
         f"x {report['num_templates']} template(s)",
         "Parameters                 total        trainable",
     ]
-    labels = {"vision": "image tower", "text": "text tower", "head": "decode head", "head_recovery": "  of which recovery",
-              "total": "total"}
+    labels = {
+        "vision": "image tower",
+        "text": "text tower",
+        "head": "decode head",
+        "head_recovery": "  of which recovery",
+        "total": "total",
+    }
     for key, label in labels.items():
         lines.append(f"  {label:<20}{_millions(parameters[key]['total'])}  {_millions(parameters[key]['trainable'])}")
     lines += [

@@ -31,9 +31,10 @@ from typing import Any
 import PIL.Image
 import torch
 
+from ..configuration_clip_rc import parse_class_names
 from ..exported_model import load_exported_model_and_processor
 from ..inference import encode_class_names, load_model_and_processor, segment_images
-from ..configuration_clip_rc import parse_class_names
+from ..precision import DTYPE_CHOICES, autocast, resolve_dtype
 from ..utils import atomic_path, setup_logging
 from ..visualization import class_palette, overlay_label_map, save_label_map
 
@@ -63,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--processor", default=None, help="Folder or Hub id of the processor / tokenizer (default: --model)."
     )
     parser.add_argument(
-        "--classes", default=None, help='Comma-separated class names, e.g. "cat,dog,grass" (default: the model\'s own).'
+        "--classes",
+        default=None,
+        help='Comma-separated class names, e.g. "cat,dog,grass" (default: the model\'s own).',
     )
     parser.add_argument(
         "--templates", nargs="+", default=None, help="Prompt templates with one '{}' (default: the model's)."
@@ -73,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=0.5, help="Opacity of the class colours in the overlay.")
     parser.add_argument("--no_legend", action="store_true", help="Do not draw the legend on the overlays.")
     parser.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
+    parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="fp32",
+        help="fp32, bf16 / fp16 autocast, or auto: bf16 where the processor multiplies bf16 fast, fp32 elsewhere.",
+    )  # fmt: skip
     parser.add_argument(
         "--backend",
         default="pytorch",
@@ -142,7 +149,10 @@ def _load_model_and_processor(args: argparse.Namespace):
         return load_exported_model_and_processor(args.model, args.processor, device=args.device, export_format="onnx")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load_model_and_processor(
-        args.model, args.processor, trust_remote_code=args.trust_remote_code, device=device,
+        args.model,
+        args.processor,
+        trust_remote_code=args.trust_remote_code,
+        device=device,
         allow_missing_weights=args.allow_missing_weights,
     )
 
@@ -158,6 +168,8 @@ def predict(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
         class_names = args.classes
         text_embeds = encode_class_names(model, image_processor, tokenizer, class_names, args.templates)
         palette = class_palette(class_names)
+    device = model.class_embeddings.device
+    dtype = resolve_dtype(args.dtype, device)
     outputs = output_paths(args.images, Path(args.output_dir))
     if not args.overwrite:
         _refuse_existing(outputs)
@@ -170,11 +182,19 @@ def predict(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
             logger.error(str(error))
             failures.append(str(error))
             continue
-        label_map = segment_images(model, image_processor, [image], text_embeds=text_embeds)[0].cpu()
+        with autocast(dtype, device):
+            label_map = segment_images(model, image_processor, [image], text_embeds=text_embeds)[0].cpu()
         _save_outputs(image, label_map, output, palette, None if args.no_legend else class_names, args.alpha)
         ids, counts = torch.unique(label_map, return_counts=True)
         shares = {class_names[int(i)]: round(int(c) / label_map.numel(), 6) for i, c in zip(ids, counts)}
-        records.append({"image": output.image, "label_map": str(output.label_map), "overlay": str(output.overlay), "classes": shares})
+        records.append(
+            {
+                "image": output.image,
+                "label_map": str(output.label_map),
+                "overlay": str(output.overlay),
+                "classes": shares,
+            }
+        )
         logger.info(f"{output.image}: " + ", ".join(f"{name} {100 * share:.1f}%" for name, share in shares.items()))
     return records, failures
 

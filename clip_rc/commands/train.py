@@ -85,12 +85,28 @@ from transformers.dynamic_module_utils import custom_object_save
 from .. import PRESETS, CLIPRCConfig, CLIPRCForSemanticSegmentation
 from ..class_sets import BENCHMARKS, ClassList, class_list, class_names_from_arguments, get_benchmark
 from ..configuration_clip_rc import check_templates
-from ..data import AugmentedTrainSamples, SegmentationTrainTransform, collate_fn, dataset_class_names, load_segmentation_dataset
+from ..data import (
+    AugmentedTrainSamples,
+    SegmentationTrainTransform,
+    collate_fn,
+    dataset_class_names,
+    load_segmentation_dataset,
+)
 from ..evaluation import evaluate_model
 from ..image_processing_clip_rc import CLIPRCImageProcessor
 from ..inference import encode_class_names
 from ..metrics import format_results_table
 from ..model_card import MODEL_CARD_MARKER, build_model_card
+from ..precision import DTYPE_CHOICES, accelerator_device_type, mixed_precision_of, resolve_dtype
+from ..presets import (
+    BASE_LEARNING_RATE,
+    LEARNING_RATE_MULTIPLIER,
+    RECIPES,
+    WARMUP_ITERATIONS,
+    WEIGHT_DECAY,
+    train_scale,
+    window_stride,
+)
 from ..processing_clip_rc import CLIPRCProcessor
 from ..utils import (
     check_model_folder,
@@ -99,16 +115,6 @@ from ..utils import (
     non_finite_tensors,
     setup_logging,
     write_json_atomic,
-)
-from ..presets import (
-    BASE_LEARNING_RATE,
-    LEARNING_RATE_MULTIPLIER,
-    RECIPES,
-    WARMUP_ITERATIONS,
-    WEIGHT_DECAY,
-    preset_config,
-    train_scale,
-    window_stride,
 )
 
 
@@ -196,8 +202,10 @@ class ModelArguments:
     )
     crop_size: int | None = field(
         default=None,
-        metadata={"help": "Training crop / sliding-window size (default: the config's, 512). Must be a multiple of "
-                  "patch_size x region_grid_size."},
+        metadata={
+            "help": "Training crop / sliding-window size (default: the config's, 512). Must be a multiple of "
+            "patch_size x region_grid_size."
+        },
     )
     sliding_window_stride: int | None = field(
         default=None,
@@ -233,27 +241,35 @@ class DataArguments:
     )
     benchmark: str | None = field(
         default=None,
-        metadata={"help": "Benchmark of the labels (voc, coco-stuff, ade20k-150, ...); defaults to the model "
-                  "config's. Its classes are the class list unless --class_names(_file) or the dataset's "
-                  "id2label.json give one."},
+        metadata={
+            "help": "Benchmark of the labels (voc, coco-stuff, ade20k-150, ...); defaults to the model "
+            "config's. Its classes are the class list unless --class_names(_file) or the dataset's "
+            "id2label.json give one."
+        },
     )
     class_names: str | None = field(
         default=None,
-        metadata={"help": "Your own classes, comma-separated, in label-id order (label k is the k-th name). First "
-                  "in precedence: then --class_names_file, the dataset repository's id2label.json, --benchmark, and "
-                  "the preset's benchmark (from CLIP) or the loaded model's classes."},
+        metadata={
+            "help": "Your own classes, comma-separated, in label-id order (label k is the k-th name). First "
+            "in precedence: then --class_names_file, the dataset repository's id2label.json, --benchmark, and "
+            "the preset's benchmark (from CLIP) or the loaded model's classes."
+        },
     )
     class_names_file: str | None = field(
         default=None,
-        metadata={"help": "A UTF-8 text file with one class name a line (line k + 1 names label k); instead of "
-                  "--class_names."},
+        metadata={
+            "help": "A UTF-8 text file with one class name a line (line k + 1 names label k); instead of "
+            "--class_names."
+        },
     )
     unseen_classes: str | None = field(
         default=None,
-        metadata={"help": "The zero-shot split: unseen classes by name or id, comma-separated (inductive training "
-                  "ignores their pixels and leaves them out of the head; transductive training pseudo-labels them). "
-                  "Default: the benchmark's split when the classes are a benchmark's (or the loaded model's), none "
-                  "otherwise."},
+        metadata={
+            "help": "The zero-shot split: unseen classes by name or id, comma-separated (inductive training "
+            "ignores their pixels and leaves them out of the head; transductive training pseudo-labels them). "
+            "Default: the benchmark's split when the classes are a benchmark's (or the loaded model's), none "
+            "otherwise."
+        },
     )
     data_dir: str | None = field(default=None, metadata={"help": "`data_dir` of datasets.load_dataset."})
     image_column: str = field(default="image", metadata={"help": "Image column of a datasets dataset."})
@@ -275,8 +291,10 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N samples only."})
     train_scale: list[int] | None = field(
         default=None,
-        metadata={"help": "mmseg img_scale (long short) of the random rescale; default (2048, 512) scaled by "
-                  "crop_size / 512."},
+        metadata={
+            "help": "mmseg img_scale (long short) of the random rescale; default (2048, 512) scaled by "
+            "crop_size / 512."
+        },
     )
     photometric_distortion: bool = field(default=True, metadata={"help": "Apply PhotoMetricDistortion."})
     eval_shortest_edge: int | None = field(
@@ -291,28 +309,37 @@ class TrainingArguments:
     output_dir: str = field(metadata={"help": "Where checkpoints, logs and the final model are written."})
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start afresh in an output_dir that is not empty: checkpoints of an earlier run there are "
-                  "deleted and the final save replaces files of the names it writes, except a README.md that "
-                  "clip_rc.commands.train did not write (kept). Without it a non-empty output_dir is refused unless "
-                  "resuming from one of its checkpoints."},
+        metadata={
+            "help": "Start afresh in an output_dir that is not empty: checkpoints of an earlier run there are "
+            "deleted and the final save replaces files of the names it writes, except a README.md that "
+            "clip_rc.commands.train did not write (kept). Without it a non-empty output_dir is refused unless "
+            "resuming from one of its checkpoints."
+        },
     )
     max_steps: int | None = field(
         default=None, metadata={"help": "Training iterations (optimiser updates); default: the recipe's."}
     )
     total_train_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Images per iteration over all processes and accumulation steps; default: the recipe's "
-                  "(VOC 16, COCO-Stuff 4). Ignored when --per_device_train_batch_size is given."},
+        metadata={
+            "help": "Images per iteration over all processes and accumulation steps; default: the recipe's "
+            "(VOC 16, COCO-Stuff 4). Ignored when --per_device_train_batch_size is given."
+        },
     )
     per_device_train_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Images per process and forward pass; default: total_train_batch_size / (processes x "
-                  "gradient_accumulation_steps)."},
+        metadata={
+            "help": "Images per process and forward pass; default: total_train_batch_size / (processes x "
+            "gradient_accumulation_steps)."
+        },
     )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Forward passes per optimiser update."})
-    learning_rate: float = field(default=BASE_LEARNING_RATE, metadata={"help": "Base learning rate (the reference's lr)."})
+    learning_rate: float = field(
+        default=BASE_LEARNING_RATE, metadata={"help": "Base learning rate (the reference's lr)."}
+    )
     lr_multiplier: float = field(
-        default=LEARNING_RATE_MULTIPLIER, metadata={"help": "Multiplier of the backbone and head custom keys (reference: 10)."}
+        default=LEARNING_RATE_MULTIPLIER,
+        metadata={"help": "Multiplier of the backbone and head custom keys (reference: 10)."},
     )
     weight_decay: float = field(default=WEIGHT_DECAY, metadata={"help": "AdamW weight decay."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
@@ -327,62 +354,86 @@ class TrainingArguments:
     min_learning_rate: float = field(default=1e-6, metadata={"help": "Final lr of the poly decay."})
     lr_decay_steps: int | None = field(
         default=None,
-        metadata={"help": "Iterations T of the poly decay; default: the recipe's iterations (so a shorter "
-                  "--max_steps stops the reference schedule early), or --max_steps without a recipe."},
+        metadata={
+            "help": "Iterations T of the poly decay; default: the recipe's iterations (so a shorter "
+            "--max_steps stops the reference schedule early), or --max_steps without a recipe."
+        },
     )
     scale_lr_schedule: bool = field(
         default=False,
-        metadata={"help": "Fit the schedule to --max_steps: decay over max_steps and warm-up scaled by max_steps / "
-                  "the recipe's iterations (explicit --warmup_steps / --lr_decay_steps still win)."},
+        metadata={
+            "help": "Fit the schedule to --max_steps: decay over max_steps and warm-up scaled by max_steps / "
+            "the recipe's iterations (explicit --warmup_steps / --lr_decay_steps still win)."
+        },
     )
     seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and augmentation."})
     mixed_precision: str | None = field(
         default=None,
-        metadata={"help": "Accelerate mixed precision; default: the launcher's configuration.",
-                  "choices": ["no", "fp16", "bf16", "fp8"]},
+        metadata={
+            "help": "Accelerate mixed precision; default: the launcher's configuration.",
+            "choices": ["no", "fp16", "bf16", "fp8"],
+        },
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Precision of the training step: fp32, bf16 / fp16 autocast, or auto (bf16 where the processor "
+            "multiplies bf16 fast, fp32 elsewhere). Default: --mixed_precision.",
+            "choices": list(DTYPE_CHOICES),
+        },
     )
     logging_steps: int = field(default=50, metadata={"help": "Log the training losses every N iterations."})
     eval_steps: int | None = field(
         default=None,
-        metadata={"help": "Evaluate every N iterations (0: only at the end); default: the recipe's iterations / 10 "
-                  "(mmseg's schedule_20k/40k/80k intervals 2000/4000/8000)."},
+        metadata={
+            "help": "Evaluate every N iterations (0: only at the end); default: the recipe's iterations / 10 "
+            "(mmseg's schedule_20k/40k/80k intervals 2000/4000/8000)."
+        },
     )
     final_evaluation: bool = field(default=True, metadata={"help": "Evaluate the final model."})
     checkpointing_steps: int | None = field(
         default=None,
         metadata={"help": "Save a checkpoint every N iterations (0: never); default: the recipe's iterations / 10."},
     )
-    checkpoints_total_limit: int | None = field(
-        default=None, metadata={"help": "Keep only the last K checkpoints."}
-    )
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep only the last K checkpoints."})
     resume_from_checkpoint: str | None = field(
         default=None,
-        metadata={"help": "A checkpoint-N folder, or 'latest' for the newest complete one in output_dir (a fresh "
-                  "start when there is none)."},
+        metadata={
+            "help": "A checkpoint-N folder, or 'latest' for the newest complete one in output_dir (a fresh "
+            "start when there is none)."
+        },
     )
     allow_inexact_resume: bool = field(
         default=False,
-        metadata={"help": "Resume even though the run cannot continue exactly: a random-number state file of the "
-                  "checkpoint is missing or unreadable, or the recipe differs from the checkpoint's (seed, batch "
-                  "size, data, ...; the optimiser and schedule state still come from the checkpoint). Without it "
-                  "either is an error naming the file or the changed arguments."},
+        metadata={
+            "help": "Resume even though the run cannot continue exactly: a random-number state file of the "
+            "checkpoint is missing or unreadable, or the recipe differs from the checkpoint's (seed, batch "
+            "size, data, ...; the optimiser and schedule state still come from the checkpoint). Without it "
+            "either is an error naming the file or the changed arguments."
+        },
     )
     report_to: str = field(
         default="none",
-        metadata={"help": "Trackers: none, tensorboard or all (every installed tracker).",
-                  "choices": ["none", "tensorboard", "all"]},
+        metadata={
+            "help": "Trackers: none, tensorboard or all (every installed tracker).",
+            "choices": ["none", "tensorboard", "all"],
+        },
     )
     tracker_project_name: str = field(default="clip-rc", metadata={"help": "Run name of the trackers."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per process."})
     gradient_checkpointing: bool = field(
         default=False,
-        metadata={"help": "Recompute the activations of the image tower's and the decoder's layers in the backward "
-                  "pass instead of keeping them: less memory, about one more forward pass of time, same results."},
+        metadata={
+            "help": "Recompute the activations of the image tower's and the decoder's layers in the backward "
+            "pass instead of keeping them: less memory, about one more forward pass of time, same results."
+        },
     )
     ddp_find_unused_parameters: bool = field(
         default=False,
-        metadata={"help": "DDP find_unused_parameters. Not needed: every trainable parameter gets a gradient in "
-                  "every setting (the reference needs it for unused self-attention weights we do not have)."},
+        metadata={
+            "help": "DDP find_unused_parameters. Not needed: every trainable parameter gets a gradient in "
+            "every setting (the reference needs it for unused self-attention weights we do not have)."
+        },
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final output_dir to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository (default: output_dir's name)."})
@@ -427,7 +478,9 @@ def reference_multipliers(name: str, lr_multiplier: float = LEARNING_RATE_MULTIP
 
 
 def reference_parameter_groups(
-    model: torch.nn.Module, learning_rate: float = BASE_LEARNING_RATE, weight_decay: float = WEIGHT_DECAY,
+    model: torch.nn.Module,
+    learning_rate: float = BASE_LEARNING_RATE,
+    weight_decay: float = WEIGHT_DECAY,
     lr_multiplier: float = LEARNING_RATE_MULTIPLIER,
 ) -> list[dict[str, Any]]:
     """
@@ -516,7 +569,12 @@ class PolyWarmupLR(LRScheduler):
     def get_lr(self) -> list[float]:
         return [
             reference_learning_rate(
-                self.last_epoch, base_lr, self.total_steps, self.warmup_steps, self.warmup_ratio, self.power,
+                self.last_epoch,
+                base_lr,
+                self.total_steps,
+                self.warmup_steps,
+                self.warmup_ratio,
+                self.power,
                 self.min_lr,
             )
             for base_lr in self.base_lrs
@@ -539,7 +597,12 @@ class InfiniteShardedBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(
-        self, num_samples: int, batch_size: int, num_processes: int = 1, process_index: int = 0, seed: int = 0,
+        self,
+        num_samples: int,
+        batch_size: int,
+        num_processes: int = 1,
+        process_index: int = 0,
+        seed: int = 0,
         start_sample: int = 0,
     ):
         if num_samples < 1:
@@ -691,7 +754,7 @@ def _apply_preset(config: CLIPRCConfig, preset: str) -> None:
     """Apply the training recipe of `preset` (setting, loss weights, score calibration) to the config of a loaded
     model; a model with the preset benchmark's classes also takes its zero-shot split, a model with other classes
     keeps its own."""
-    recipe = preset_config(preset)
+    recipe = CLIPRCConfig.from_preset(preset)
     if config.num_prompt_tokens != recipe.num_prompt_tokens:
         logger.warning(
             f"The loaded model has {config.num_prompt_tokens} prompt tokens, preset {preset!r} uses "
@@ -827,7 +890,7 @@ def _model_from_clip(model_args, data_args, overrides, tokenizer) -> tuple[CLIPR
         projection_dim=clip.config.projection_dim,
         **_class_config_values(classes, model_args.templates),
     )
-    config = preset_config(model_args.preset, **values)
+    config = CLIPRCConfig.from_preset(model_args.preset, **values)
     if tokenizer is None:
         raise ValueError(
             "Starting from CLIP needs its tokenizer to compute the class embeddings once; none found at "
@@ -860,7 +923,9 @@ def _apply_class_list(model: CLIPRCForSemanticSegmentation, classes: ClassList, 
     config.seen_class_ids, config.benchmark = values["seen_class_ids"], values["benchmark"]
 
 
-def _model_from_weights(model_args, data_args, overrides, tokenizer) -> tuple[CLIPRCForSemanticSegmentation, ClassList]:
+def _model_from_weights(
+    model_args, data_args, overrides, tokenizer
+) -> tuple[CLIPRCForSemanticSegmentation, ClassList]:
     """A saved CLIP-RC model with the preset's recipe, the overrides and the class list applied."""
     model = _load_pretrained(CLIPRCForSemanticSegmentation, model_args.model_name_or_path, model_args.cache_dir)
     config = model.config
@@ -899,8 +964,10 @@ def build_model(
     """The model to train, its tokenizer (or `None`) and the class list it trains on (see [`training_class_list`])."""
     overrides = _parsed_overrides(model_args)
     if (model_args.clip_model_name_or_path is None) == (model_args.model_name_or_path is None):
-        raise ValueError("Give exactly one of --clip_model_name_or_path (start from CLIP) and --model_name_or_path "
-                         "(start from CLIP-RC weights).")
+        raise ValueError(
+            "Give exactly one of --clip_model_name_or_path (start from CLIP) and --model_name_or_path "
+            "(start from CLIP-RC weights)."
+        )
     tokenizer = _load_tokenizer(model_args)
     if model_args.clip_model_name_or_path is not None:
         model, classes = _model_from_clip(model_args, data_args, overrides, tokenizer)
@@ -1042,11 +1109,17 @@ def _load_datasets(data_args: DataArguments, config: CLIPRCConfig):
     """The training and evaluation splits, their label ids checked against the model's classes."""
     benchmark = data_args.benchmark or (config.benchmark if config.benchmark in BENCHMARKS else None)
     if benchmark is not None and get_benchmark(benchmark).num_classes != config.num_labels:
-        raise ValueError(f"Benchmark {benchmark} has {get_benchmark(benchmark).num_classes} classes, the model "
-                         f"{config.num_labels}.")
+        raise ValueError(
+            f"Benchmark {benchmark} has {get_benchmark(benchmark).num_classes} classes, the model {config.num_labels}."
+        )
     loaded = load_segmentation_dataset(
-        data_args.dataset, benchmark=benchmark, data_dir=data_args.data_dir, image_column=data_args.image_column,
-        label_column=data_args.label_column, label_mapping=data_args.label_mapping, num_classes=config.num_labels,
+        data_args.dataset,
+        benchmark=benchmark,
+        data_dir=data_args.data_dir,
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+        label_mapping=data_args.label_mapping,
+        num_classes=config.num_labels,
     )
     if data_args.train_split not in loaded:
         raise ValueError(f"No split {data_args.train_split!r} in {data_args.dataset}; splits: {list(loaded)}.")
@@ -1246,13 +1319,23 @@ def _check_finite_weights(model: torch.nn.Module, what: str):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _mixed_precision(training_args: TrainingArguments) -> str | None:
+    """Accelerate's mixed precision: `--dtype` resolved for this machine, else `--mixed_precision`."""
+    if training_args.dtype is None:
+        return training_args.mixed_precision
+    if training_args.mixed_precision is not None:
+        raise ValueError("Give at most one of --dtype and --mixed_precision.")
+    device_type = accelerator_device_type(cpu=launched_without_accelerator())
+    return mixed_precision_of(resolve_dtype(training_args.dtype, device_type))
+
+
 def _build_accelerator(training_args: TrainingArguments, output_dir: Path, report_to: str | None) -> Accelerator:
     return Accelerator(
         # Several processes started by a launcher (`accelerate launch --multi_gpu`, torchrun) on a machine without
         # an accelerator: run them as one gloo process group (Accelerate's MULTI_CPU) instead of independent runs.
         cpu=launched_without_accelerator(),
         gradient_accumulation_steps=training_args.gradient_accumulation_steps,
-        mixed_precision=training_args.mixed_precision,
+        mixed_precision=_mixed_precision(training_args),
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         step_scheduler_with_optimizer=False,
@@ -1492,8 +1575,12 @@ class _TrainingRun:
 
     def _evaluate_and_save_if_due(self):
         step, plan = self.global_step, self.plan
-        if self.eval_dataset is not None and plan.eval_steps > 0 and step % plan.eval_steps == 0 \
-                and step < plan.max_steps:
+        if (
+            self.eval_dataset is not None
+            and plan.eval_steps > 0
+            and step % plan.eval_steps == 0
+            and step < plan.max_steps
+        ):
             self.run_evaluation(step)
         if plan.checkpointing_steps > 0 and step % plan.checkpointing_steps == 0:
             self.save_checkpoint(step)
@@ -1511,7 +1598,9 @@ class _TrainingRun:
         accelerator.wait_for_everyone()
         repo_id = None
         if self.training_args.push_to_hub and accelerator.is_main_process:
-            repo_id = push_to_hub(self.output_dir, self.training_args.hub_model_id, self.training_args.hub_private_repo)
+            repo_id = push_to_hub(
+                self.output_dir, self.training_args.hub_model_id, self.training_args.hub_private_repo
+            )
             logger.info(f"Pushed {self.output_dir} to {repo_id}")
         accelerator.wait_for_everyone()
         accelerator.end_training()
@@ -1527,18 +1616,26 @@ class _TrainingRun:
     def log_start(self, config: CLIPRCConfig):
         plan, training_args = self.plan, self.training_args
         logger.info("***** Running training *****")
-        logger.info(f"  Recipe = {plan.preset}, setting = {config.setting}, classes = {config.num_labels} "
-                    f"({self.recipe['resolved.class_names_source']}), unseen = "
-                    f"{[config.id2label[i] for i in config.unseen_class_ids]}")
-        logger.info(f"  Training samples = {len(self.train_samples)}, evaluation samples = "
-                    f"{len(self.eval_dataset) if self.eval_dataset is not None else 0}")
-        logger.info(f"  Iterations = {plan.max_steps}, per-device batch = {plan.per_device_train_batch_size}, "
-                    f"processes = {self.accelerator.num_processes}, accumulation = "
-                    f"{training_args.gradient_accumulation_steps}")
+        logger.info(
+            f"  Recipe = {plan.preset}, setting = {config.setting}, classes = {config.num_labels} "
+            f"({self.recipe['resolved.class_names_source']}), unseen = "
+            f"{[config.id2label[i] for i in config.unseen_class_ids]}"
+        )
+        logger.info(
+            f"  Training samples = {len(self.train_samples)}, evaluation samples = "
+            f"{len(self.eval_dataset) if self.eval_dataset is not None else 0}"
+        )
+        logger.info(
+            f"  Iterations = {plan.max_steps}, per-device batch = {plan.per_device_train_batch_size}, "
+            f"processes = {self.accelerator.num_processes}, accumulation = "
+            f"{training_args.gradient_accumulation_steps}"
+        )
         logger.info(f"  Parameter groups = {self.recipe['resolved.param_groups']}")
-        logger.info(f"  Schedule: poly {training_args.lr_power} over {plan.lr_decay_steps} iterations to "
-                    f"{training_args.min_learning_rate}, linear warm-up {plan.warmup_steps} from "
-                    f"{training_args.warmup_lr_ratio}")
+        logger.info(
+            f"  Schedule: poly {training_args.lr_power} over {plan.lr_decay_steps} iterations to "
+            f"{training_args.min_learning_rate}, linear warm-up {plan.warmup_steps} from "
+            f"{training_args.warmup_lr_ratio}"
+        )
 
 
 def train(argv: list[str] | None = None) -> dict[str, Any]:

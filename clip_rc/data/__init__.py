@@ -12,9 +12,9 @@ from .loading import (
     read_id2label_file,
 )
 from .transforms import (
-    AugmentedTrainSamples,
     REFERENCE_IMAGE_MEAN,
     REFERENCE_IMAGE_STD,
+    AugmentedTrainSamples,
     SegmentationTrainTransform,
     collate_fn,
     photometric_distortion,

@@ -33,7 +33,6 @@ Decoding is kept out of the `datasets.Image` feature (`decode=False`) so that th
 [`clip_rc.data.AugmentedTrainSamples`] does.
 """
 
-
 import io
 import json
 import os
@@ -431,7 +430,9 @@ def _index_by_stem(
         label_name = next((stem + suffix for suffix in label_suffixes if stem + suffix in label_files), None)
         if label_name is None:
             expected = " or ".join(str(label_dir / (stem + suffix)) for suffix in label_suffixes)
-            raise FileNotFoundError(f"Missing label file for image {image_dir / (stem + '.jpg')}: expected {expected}.")
+            raise FileNotFoundError(
+                f"Missing label file for image {image_dir / (stem + '.jpg')}: expected {expected}."
+            )
         image_paths.append(str(image_dir / f"{stem}.jpg"))
         label_paths.append(str(label_dir / label_name))
     orphans = sorted(label_stems - set(image_stems))
@@ -458,9 +459,12 @@ def _ade20k_index(root: Path, split: str) -> tuple[list[str], list[str]]:
 
 
 _TREE_INDEXERS = {
-    "voc": _voc_index, "pascal-context": _pascal_context_index, "coco-stuff": _coco_stuff_index, "ade20k": _ade20k_index
+    "voc": _voc_index,
+    "pascal-context": _pascal_context_index,
+    "coco-stuff": _coco_stuff_index,
+    "ade20k": _ade20k_index,
 }
-_TREE_SPLITS = {layout: ("train", "val") for layout in _TREE_INDEXERS}
+_TREE_SPLITS = dict.fromkeys(_TREE_INDEXERS, ("train", "val"))
 
 
 def _select_splits(available: Sequence[str], splits: Sequence[str] | str | None, source: str) -> list[str]:

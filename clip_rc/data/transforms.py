@@ -309,7 +309,6 @@ class SegmentationTrainTransform:
         return pixel_values, labels
 
 
-
 def collate_fn(examples: list[dict[str, Any]]) -> dict[str, Any]:
     """
     Collate transformed samples for a `torch.utils.data.DataLoader`.

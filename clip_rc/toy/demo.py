@@ -13,26 +13,26 @@
 # limitations under the License.
 """`clip-rc-demo`: the whole zero-shot chain on a small world the library makes itself, offline, in minutes.
 
-1. **Data** ([`clip_rc.toy.synthetic`]): a seeded synthetic benchmark of 12 classes (shape x colour x texture), 3 of them
-   unseen (melon, donut, tile), written as a `save_to_disk` dataset (`data/`).
-2. **CLIP** ([`clip_rc.toy.tiny_clip`]): a tiny `CLIPModel` and its BPE tokenizer trained on image-caption pairs naming
-   all 12 classes (no masks), saved in the Hub's format (`clip/`); and a control CLIP with the same architecture
-   and tokenizer that never saw a caption (`clip-control/`).
-3. **CLIP-RC** ([`clip_rc.commands.train`], run as `python -m clip_rc.commands.train`, i.e. what `train_accelerate.py` runs):
-   inductive training from each CLIP on the seen classes' masks only (unseen pixels ignored, unseen names never in
-   the head), identical recipe and seed, the two runs at once in two processes of one torch thread each
-   (`caption-clip/model`, `control/model`). Their output goes to `*/train.log`, and their progress (step, loss,
-   ETA) to the console as they train. The recipe is the reference's (AdamW with its parameter groups, poly schedule
-   with warm-up, random rescale and crop, flips, seen-score calibration 0.1, the focal / dice / recovery weights
-   200 / 3 / 50 of its COCO-Stuff zero-shot recipe) scaled to the tiny world: crop 96 with 8-pixel patches and a 4x4
-   region grid, a 64-wide decoder, 800 iterations of 8 crops at 4e-3, gradient clipping at 1.0, no dropout
-   (drawing dropout masks is a quarter of a CPU step) and no photometric distortion (hue is a class attribute here:
-   the reference's +-36 degree hue jitter would turn one class's colour into another's).
+1. **Data** ([`clip_rc.toy.synthetic`]): a seeded synthetic benchmark of 12 classes (shape x colour x texture), 3 of
+   them unseen (melon, donut, tile), written as a `save_to_disk` dataset (`data/`).
+2. **CLIP** ([`clip_rc.toy.tiny_clip`]): a tiny `CLIPModel` and its BPE tokenizer trained on image-caption pairs
+   naming all 12 classes (no masks), saved in the Hub's format (`clip/`); and a control CLIP with the same
+   architecture and tokenizer that never saw a caption (`clip-control/`).
+3. **CLIP-RC** ([`clip_rc.commands.train`], run as `python -m clip_rc.commands.train`, i.e. what
+   `train_accelerate.py` runs): inductive training from each CLIP on the seen classes' masks only (unseen pixels
+   ignored, unseen names never in the head), identical recipe and seed, the two runs at once in two processes of one
+   torch thread each (`caption-clip/model`, `control/model`). Their output goes to `*/train.log`, and their progress
+   (step, loss, ETA) to the console as they train. The recipe is the reference's (AdamW with its parameter groups,
+   poly schedule with warm-up, random rescale and crop, flips, seen-score calibration 0.1, the focal / dice /
+   recovery weights 200 / 3 / 50 of its COCO-Stuff zero-shot recipe) scaled to the tiny world: crop 96 with 8-pixel
+   patches and a 4x4 region grid, a 64-wide decoder, 800 iterations of 8 crops at 4e-3, gradient clipping at 1.0, no
+   dropout (drawing dropout masks is a quarter of a CPU step) and no photometric distortion (hue is a class attribute
+   here: the reference's +-36 degree hue jitter would turn one class's colour into another's).
 4. **Evaluation** ([`clip_rc.commands.evaluate`], as `eval.py`): all 12 classes on the held-out validation split
    (`*/eval/metrics.json`).
-5. **Figure** ([`clip_rc.toy.demo_figure`]): a few validation images segmented by both models with [`clip_rc.commands.predict`]
-   (as `clip-rc-predict`, `predictions/`), drawn beside their ground truth over the per-class IoU of both runs
-   (`comparison.png`).
+5. **Figure** ([`clip_rc.toy.demo_figure`]): a few validation images segmented by both models with
+   [`clip_rc.commands.predict`] (as `clip-rc-predict`, `predictions/`), drawn beside their ground truth over the
+   per-class IoU of both runs (`comparison.png`).
 
 The seen / unseen / hIoU table of both runs is printed and written to `results.md`, and with the per-class IoU,
 the probes of both CLIPs and the stage timings to `results.json`. Every stage says on the console what it is doing,
@@ -62,10 +62,10 @@ import PIL.Image
 import torch
 import transformers
 
-from .demo_figure import comparison_figure, pick_rows
-from .synthetic import WorldConfig, load_synthetic_benchmark, write_synthetic_dataset
-from .tiny_clip import TinyCLIPArguments, patch_probe, save_untrained_clip, train_tiny_clip
 from ..utils import setup_logging, write_json_atomic, write_text_atomic
+from .demo_figure import comparison_figure, pick_rows
+from .synthetic import WorldConfig, synthetic_benchmark, write_synthetic_dataset
+from .tiny_clip import PROBE_SEED, TinyCLIPArguments, patch_probe, save_untrained_clip, train_tiny_clip
 
 
 logger = logging.getLogger("clip_rc.toy.demo")
@@ -79,7 +79,6 @@ __all__ = [
     "main",
     "parse_demo_table",
 ]
-
 
 
 class DemoRun(NamedTuple):
@@ -96,8 +95,9 @@ RUNS = (
     DemoRun("caption-clip", "clip", "CLIP trained on captions", "caption-trained CLIP"),
     DemoRun("control", "clip-control", "control: CLIP never trained", "untrained control CLIP"),
 )
-CLASS_NAMES = load_synthetic_benchmark().class_names
-UNSEEN_CLASS_IDS = load_synthetic_benchmark().unseen_class_ids
+BENCHMARK = synthetic_benchmark()
+CLASS_NAMES = BENCHMARK.class_names
+UNSEEN_CLASS_IDS = BENCHMARK.unseen_class_ids
 
 
 @dataclass
@@ -108,8 +108,10 @@ class DemoRecipe:
     num_validation: int = 200
     # The tiny CLIP trains alone: two torch threads (1.2x faster than one on 2 cores, rendering included).
     clip: TinyCLIPArguments = field(default_factory=lambda: TinyCLIPArguments(num_threads=2))
-    # CLIP-RC (image side: crop 96 = the tiny CLIP's resolution, patch 8, 4x4 region grid of 3x3-patch cells)
+    # CLIP-RC (image side: crop 96 = the tiny CLIP's resolution, patch 8, 4x4 region grid of 3x3-patch cells;
+    # windows two thirds of a crop apart, as the reference's 341 on 512)
     crop_size: int = 96
+    sliding_window_stride: int = 64
     region_grid_size: int = 4
     num_prompt_tokens: int = 4
     decoder_hidden_size: int = 64
@@ -133,6 +135,7 @@ class DemoRecipe:
     mask_loss_weight: float = 200.0
     dice_loss_weight: float = 3.0
     recovery_loss_weight: float = 50.0
+    eval_batch_size: int = 8
     probe_images: int = 200
     progress_lines: int = 16  # training progress lines per CLIP-RC run
     num_figure_rows: int = 4
@@ -157,14 +160,14 @@ def build_clip_rc_start(clip_dir: str | os.PathLike, output_dir: str | os.PathLi
     from ..modeling_clip_rc import CLIPRCForSemanticSegmentation
     from ..processing_clip_rc import CLIPRCProcessor
 
-    benchmark = load_synthetic_benchmark()
+    benchmark = BENCHMARK
     clip_config = CLIPConfig.from_pretrained(clip_dir)
     config = CLIPRCConfig(
         vision_config=clip_config.vision_config.to_dict(),
         text_config=clip_config.text_config.to_dict(),
         projection_dim=clip_config.projection_dim,
         crop_size=recipe.crop_size,
-        sliding_window_stride=max(1, recipe.crop_size * 2 // 3),
+        sliding_window_stride=recipe.sliding_window_stride,
         num_prompt_tokens=recipe.num_prompt_tokens,
         region_grid_size=recipe.region_grid_size,
         decoder_hidden_size=recipe.decoder_hidden_size,
@@ -293,7 +296,10 @@ def _launch_training(run: str, argv: list[str], log_path: Path, num_threads: int
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, encoding="utf-8", errors="replace",
     )  # fmt: skip
     relay = threading.Thread(
-        target=_relay, args=(run, process, log_path, total_steps, time.perf_counter()), name=f"relay-{run}", daemon=True
+        target=_relay,
+        args=(run, process, log_path, total_steps, time.perf_counter()),
+        name=f"relay-{run}",
+        daemon=True,
     )
     relay.start()
     return TrainingProcess(run, process, log_path, relay)
@@ -328,11 +334,11 @@ def _wait(trainings: list[TrainingProcess]):
         raise RuntimeError("\n\n".join(failed))
 
 
-def _evaluate(model_dir: Path, data_dir: Path, output_dir: Path) -> dict:
+def _evaluate(model_dir: Path, data_dir: Path, output_dir: Path, batch_size: int) -> dict:
     from ..commands import evaluate
 
     argv = ["--model", str(model_dir), "--dataset", str(data_dir), "--split", "validation", "--output_dir",
-            str(output_dir), "--batch_size", "8", "--no_progress"]  # fmt: skip
+            str(output_dir), "--batch_size", str(batch_size), "--no_progress"]  # fmt: skip
     if evaluate.main(argv) != 0:
         raise RuntimeError(f"Evaluating {model_dir} failed (see the log above).")
     return json.loads((output_dir / "metrics.json").read_text())
@@ -442,12 +448,11 @@ def _make_clips(output_dir: Path, recipe: DemoRecipe, seed: int, stages: _Stages
     save_untrained_clip(output_dir / "clip-control", recipe.clip, tokenizer=tokenizer)
     probes = {}
     for run in RUNS:
-        probe = patch_probe(output_dir / run.clip_folder, num_images=recipe.probe_images, seed=seed + 12345)
-        probe.pop("confusion")
+        probe = patch_probe(output_dir / run.clip_folder, num_images=recipe.probe_images, seed=PROBE_SEED + seed)
         probes[run.name] = probe
         logger.info(
-            "patch-token probe of %s: seen pixel accuracy %.1f %%, unseen %.1f %% (chance 8.3 %%)",
-            run.clip_folder, probe["seen_pixel_accuracy"], probe["unseen_pixel_accuracy"],
+            "patch-token probe of %s: seen pixel accuracy %.1f %%, unseen %.1f %% (chance %.1f %%)",
+            run.clip_folder, probe["seen_pixel_accuracy"], probe["unseen_pixel_accuracy"], 100 / len(CLASS_NAMES),
         )  # fmt: skip
     stages.done()
     return probes
@@ -475,11 +480,12 @@ def _train_clip_rc(output_dir: Path, data_dir: Path, recipe: DemoRecipe, args: a
     stages.done()
 
 
-def _evaluate_runs(output_dir: Path, data_dir: Path, stages: _Stages) -> dict[str, dict]:
+def _evaluate_runs(output_dir: Path, data_dir: Path, recipe: DemoRecipe, stages: _Stages) -> dict[str, dict]:
     stages.start("evaluation", "scoring both models on the validation split over all %d classes", len(CLASS_NAMES))
     metrics = {}
     for run in RUNS:
-        metrics[run.name] = _evaluate(output_dir / run.name / "model", data_dir, output_dir / run.name / "eval")
+        run_dir = output_dir / run.name
+        metrics[run.name] = _evaluate(run_dir / "model", data_dir, run_dir / "eval", recipe.eval_batch_size)
         figures = _figures(metrics[run.name])
         logger.info("%s: seen mIoU %.2f, unseen mIoU %.2f", run.name, figures["mIoU(S)"], figures["mIoU(U)"])
     stages.done()
@@ -572,14 +578,12 @@ def _run(args: argparse.Namespace, output_dir: Path) -> dict:
     data_dir = _make_data(output_dir, recipe, args.seed, stages)
     probes = _make_clips(output_dir, recipe, args.seed, stages)
     _train_clip_rc(output_dir, data_dir, recipe, args, stages)
-    metrics = _evaluate_runs(output_dir, data_dir, stages)
+    metrics = _evaluate_runs(output_dir, data_dir, recipe, stages)
     figure = _draw_figure(output_dir, data_dir, metrics, recipe, stages)
-
     stages.total()
-    rows = {run.description: _figures(metrics[run.name]) for run in RUNS}
-    table = format_demo_table(rows)
+
     results = {
-        "table": rows,
+        "table": {run.description: _figures(metrics[run.name]) for run in RUNS},
         "per_class_iou": {run: _per_class_iou(metrics[run]) for run in metrics},
         "probe": probes,
         "figure": str(figure),
@@ -587,18 +591,24 @@ def _run(args: argparse.Namespace, output_dir: Path) -> dict:
         "quick": args.quick,
         "seed": args.seed,
         "recipe": asdict(recipe),
-        "benchmark": {"name": "synthetic-shapes", "unseen_class_names": [CLASS_NAMES[k] for k in UNSEEN_CLASS_IDS]},
+        "benchmark": {"name": BENCHMARK.name, "unseen_class_names": list(BENCHMARK.unseen_class_names)},
     }
+    _write_results(output_dir, results, recipe)
+    return results
+
+
+def _write_results(output_dir: Path, results: dict, recipe: DemoRecipe):
+    """`results.json`, the table in `results.md`, and the table on the standard output (the program's output)."""
+    table = format_demo_table(results["table"])
     write_json_atomic(output_dir / "results.json", results)
     write_text_atomic(output_dir / "results.md", table + "\n")
-    logger.info("wrote %s, %s and %s", output_dir / "results.md", output_dir / "results.json", figure)
+    logger.info("wrote %s, %s and %s", output_dir / "results.md", output_dir / "results.json", results["figure"])
     unseen = ", ".join(results["benchmark"]["unseen_class_names"])
     sys.stdout.write(
         f"\nZero-shot segmentation of the synthetic world (unseen: {unseen}), {recipe.num_validation} validation"
-        f" images, {stages.timings['total']:.0f} s:\n{table}\n"
+        f" images, {results['timings_seconds']['total']:.0f} s:\n{table}\n"
     )
     sys.stdout.flush()
-    return results
 
 
 if __name__ == "__main__":

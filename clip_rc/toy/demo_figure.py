@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils import atomic_path
+
 
 __all__ = ["CLASS_COLOURS", "FIGURE_DPI", "comparison_figure", "figure_size", "pick_rows"]
 
@@ -139,7 +141,7 @@ def comparison_figure(
     Draw the comparison figure (see the module docstring) and save it as a PNG of [`figure_size`]`(len(images))`.
 
     Args:
-        path: the PNG to write (atomically: a temporary file in the same folder, then renamed).
+        path: the PNG to write (atomically, see [`~clip_rc.utils.atomic_path`]).
         images: `(H, W, 3)` uint8 RGB validation images, one per row.
         truths: their `(H, W)` label maps (class ids, `ignore_index` elsewhere).
         predictions: run name -> one `(H, W)` predicted label map per image (two runs: two columns).
@@ -171,11 +173,8 @@ def comparison_figure(
         ]
         handles.append(Patch(color=BACKGROUND_COLOUR, label="background (not scored)"))
         figure.legend(handles=handles, loc="upper center", ncol=7, fontsize=8, frameon=False)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp.png")
-        figure.savefig(temporary, dpi=FIGURE_DPI)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=FIGURE_DPI)
     finally:
         plt.close(figure)
-    return path
+    return Path(path)

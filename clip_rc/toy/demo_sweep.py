@@ -33,8 +33,8 @@ import math
 import sys
 from pathlib import Path
 
-from . import demo
 from ..utils import setup_logging, write_json_atomic, write_text_atomic
+from . import demo
 
 
 logger = logging.getLogger("clip_rc.toy.demo_sweep")
@@ -156,8 +156,7 @@ def _run_seeds(seeds: list[int], output_dir: Path, args: argparse.Namespace):
         demo.main(argv)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    """Run the sweep (see the module docstring); returns the table's rows."""
+def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[int]]:
     parser = argparse.ArgumentParser(prog="python -m clip_rc.toy.demo_sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0-9", help="Seeds to run: a range 0-9, a list 0,3,7, or both.")
     parser.add_argument("--output_dir", default="outputs/demo-sweep", help="One folder per seed, and the table.")
@@ -168,13 +167,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--min_unseen", type=float, default=60.0, help="Target: unseen mIoU of every seed (%%).")
     args = parser.parse_args(argv)
     try:
-        seeds = parse_seeds(args.seeds)
+        return args, parse_seeds(args.seeds)
     except ValueError as error:
         parser.error(str(error))
-    setup_logging()
-    output_dir = Path(args.output_dir)
-    if not args.table_only:
-        _run_seeds(seeds, output_dir, args)
+
+
+def _tabulate(seeds: list[int], output_dir: Path, args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """The table of the seeds' results (`sweep.md`, `sweep.json` and the standard output) and the targets missed."""
     results = {seed: result for seed, result in _read_results(output_dir, args.quick).items() if seed in seeds}
     if not results:
         raise SystemExit(f"No results.json of seeds {args.seeds} under {output_dir}/seed-*.")
@@ -184,6 +183,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     write_text_atomic(output_dir / "sweep.md", table + "\n")
     write_json_atomic(output_dir / "sweep.json", {"rows": rows, "missed_targets": missed, "quick": args.quick})
     sys.stdout.write(f"\nThe demo over seeds {', '.join(map(str, sorted(results)))}:\n{table}\n")
+    return rows, missed
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the sweep (see the module docstring); returns the table's rows."""
+    args, seeds = _parse_args(argv)
+    setup_logging()
+    output_dir = Path(args.output_dir)
+    if not args.table_only:
+        _run_seeds(seeds, output_dir, args)
+    rows, missed = _tabulate(seeds, output_dir, args)
     for sentence in missed:
         logger.warning("target missed: %s", sentence)
     if missed:

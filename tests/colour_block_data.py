@@ -1,7 +1,8 @@
-"""Small, learnable synthetic segmentation data written by the tests (no downloads).
+"""Colour-block segmentation data written by the tests (no downloads): a `save_to_disk` dataset and a PASCAL VOC tree.
 
 Every image is a grid of rectangles; each rectangle shows one class in that class's own colour (plus a little
-noise), so a model can learn the colour-to-class mapping in a few steps.
+noise), so a model can learn the colour-to-class mapping in a few steps. (The shapes world of the demo is
+[`clip_rc.toy.synthetic`].)
 """
 
 from pathlib import Path
@@ -55,7 +56,7 @@ def make_segmentation_dataset(
         for _ in range(count):
             image, label = draw_sample(rng, size, class_ids)
             images.append(Image.fromarray(image))
-            labels.append(Image.fromarray(label, mode="L"))
+            labels.append(Image.fromarray(label))
         features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
         splits[split] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
     root = Path(root)
