@@ -29,7 +29,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_clip_rc import CLIPRCConfig, check_class_names
 from .fused_ops import attention_with_dropout, fast_dropout, upsampled_mask_losses
-from .image_processing_clip_rc import CLIPRCImageProcessor, sliding_windows
+from .image_processing_clip_rc import CLIPRCImageProcessor
 
 
 logger = logging.get_logger(__name__)
@@ -996,15 +996,18 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
         [`~CLIPRCImageProcessor.post_process_semantic_segmentation`]. Images as files or arrays go through the
         processor instead, which also resizes and normalises them. Classes as in [`~CLIPRCForSemanticSegmentation.forward`].
         """
-        crop, stride = self.config.crop_size, self.config.sliding_window_stride
+        image_processor = CLIPRCImageProcessor.from_model_config(self.config)
         height, width = pixel_values.shape[-2:]
-        # Padded bottom / right with zeros (the mean colour after normalisation), as the processor pads.
-        canvas = F.pad(pixel_values, (0, max(crop - width, 0), 0, max(crop - height, 0)))
-        windows = [
-            canvas[:, :, top:bottom, left:right]
-            for top, bottom, left, right in sliding_windows(height, width, crop, stride)
-        ]
-        crops = torch.stack(windows, dim=1).flatten(0, 1)  # image-major, the processor's order
+        crops = torch.cat(
+            [
+                torch.from_numpy(
+                    image_processor.cut_windows(
+                        image.float().cpu().numpy(), image_processor.crop_size, image_processor.sliding_window_stride
+                    )
+                )
+                for image in pixel_values
+            ]
+        ).to(pixel_values.device, pixel_values.dtype)
         image_sizes = torch.tensor([[height, width]]).expand(pixel_values.shape[0], 2)
         outputs = self(
             pixel_values=crops,
@@ -1013,7 +1016,6 @@ class CLIPRCForSemanticSegmentation(CLIPRCPreTrainedModel):
             attention_mask=attention_mask,
             image_sizes=image_sizes,
         )
-        image_processor = CLIPRCImageProcessor.from_model_config(self.config)
         return torch.stack(image_processor.post_process_semantic_segmentation(outputs))
 
     # ---- initialisation from CLIP ----------------------------------------------------------------------------
