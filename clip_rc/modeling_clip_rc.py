@@ -188,6 +188,20 @@ class CLIPRCVisionEmbeddings(nn.Module):
         return torch.cat([class_token, patch_embeds + patch_positions], dim=1)
 
 
+class CLIPRCQuickGELU(nn.Module):
+    """
+    CLIP's `quick_gelu`, `x * sigmoid(1.702 x)`, as `silu(1.702 x) / 1.702`. Transformers' `QuickGELUActivation`
+    allocates three fresh tensors of the 4x wide feed-forward activations per layer; on CPU their page faults cost
+    ~10 % of a crop's inference at 171 classes. Without autograd this one works in place on the feed-forward's own
+    fresh activations. Equal to within fp32 rounding (a few 1e-7 relative).
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.requires_grad:
+            return F.silu(hidden_states * 1.702) / 1.702
+        return F.silu(hidden_states.mul_(1.702), inplace=True).div_(1.702)
+
+
 class CLIPRCVisionTransformer(nn.Module):
     """
     CLIP's image transformer with deep visual prompts and the Region-Level Bridge. Module and weight names follow
@@ -209,6 +223,10 @@ class CLIPRCVisionTransformer(nn.Module):
         self.embeddings = CLIPRCVisionEmbeddings(config)
         self.pre_layrnorm = nn.LayerNorm(embed_dim, eps=vision_config.layer_norm_eps)
         self.encoder = CLIPEncoder(vision_config)
+        # The image tower runs per crop (the text tower once per class set): its QuickGELU is worth a faster kernel.
+        if vision_config.hidden_act == "quick_gelu":
+            for layer in self.encoder.layers:
+                layer.mlp.activation_fn = CLIPRCQuickGELU()
         self.post_layernorm = nn.LayerNorm(embed_dim, eps=vision_config.layer_norm_eps)
 
         self.region_tokens = nn.Parameter(torch.zeros(self.num_region_tokens, embed_dim))
@@ -221,17 +239,16 @@ class CLIPRCVisionTransformer(nn.Module):
         self.prompt_dropout = nn.Dropout(config.prompt_dropout)
 
     def attention_mask(self, grid_height: int, grid_width: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The region attention mask `(1, 1, S, S)` in the form the attention kernel takes: boolean for SDPA,
-        additive (0 / dtype minimum) for eager attention. Rebuilt per call (a few thousand elements), so that it
-        follows symbolic sizes under `torch.export`."""
+        """The region attention mask `(1, 1, S, S)`, additive (0 / dtype minimum) in the attention's dtype: eager
+        attention takes no other form, and CPU SDPA runs ~4 % faster with it than with a boolean mask. Rebuilt per
+        call (about a million elements, once per forward pass), so that it follows symbolic sizes under
+        `torch.export`."""
         allowed = build_region_attention_mask(
             self.num_prompt_tokens, grid_height, grid_width, self.region_grid_size, device=hidden_states.device
         )
-        if self.config.vision_config._attn_implementation == "sdpa":
-            return allowed[None, None]
-        dtype = hidden_states.dtype
-        if torch.is_autocast_enabled(hidden_states.device.type):
-            dtype = torch.get_autocast_dtype(hidden_states.device.type)
+        dtype, device_type = hidden_states.dtype, hidden_states.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
         additive = torch.zeros(allowed.shape, dtype=dtype, device=hidden_states.device)
         return additive.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 

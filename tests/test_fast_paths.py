@@ -1,10 +1,12 @@
 """Every speed-up equals the straightforward computation it replaces: the fused mask losses and attention with
 dropout (values and gradients), the chunked decoder without autograd, the shared text half of the query projection,
-and the label maps assembled class by class without a canvas for one window."""
+the image tower's QuickGELU and additive region mask, and the label maps assembled class by class without a canvas
+for one window."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.activations import QuickGELUActivation
 
 from clip_rc import fused_ops, modeling_clip_rc
 from clip_rc.fused_ops import (
@@ -222,6 +224,53 @@ def test_decode_head_equals_the_plain_computation(monkeypatch, queries_per_chunk
     torch.testing.assert_close(logits, expected.detach(), rtol=1e-5, atol=1e-5)
     # With autograd (training), the same logits through the unchunked layers.
     torch.testing.assert_close(model.decode_head(features, text_embeds).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- image tower ----------------------------------------------------------------------------------------------
+
+
+def test_quick_gelu_equals_clips_activation_in_place_and_with_autograd():
+    """silu(1.702 x) / 1.702 is CLIP's x * sigmoid(1.702 x): in place without autograd (the feed-forward's fresh
+    activations), out of place with it, with the same gradient."""
+    activation, clip_activation = modeling_clip_rc.CLIPRCQuickGELU(), QuickGELUActivation()
+    torch.manual_seed(0)
+    inputs, output_weights = torch.randn(64, 96) * 4, torch.randn(64, 96)
+    expected = clip_activation(inputs)
+    with torch.no_grad():
+        activations = inputs.clone()
+        result = activation(activations)
+    assert result.data_ptr() == activations.data_ptr()
+    torch.testing.assert_close(result, expected, rtol=1e-6, atol=1e-6)
+
+    leaf, clip_leaf = inputs.clone().requires_grad_(), inputs.clone().requires_grad_()
+    values = activation(leaf)
+    assert torch.equal(leaf.detach(), inputs)  # autograd needs the input: left alone
+    torch.testing.assert_close(values, expected, rtol=1e-6, atol=1e-6)
+    (gradient,) = torch.autograd.grad((values * output_weights).sum(), leaf)
+    (expected_gradient,) = torch.autograd.grad((clip_activation(clip_leaf) * output_weights).sum(), clip_leaf)
+    torch.testing.assert_close(gradient, expected_gradient, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_image_tower_equals_clips_layers_with_a_boolean_region_mask(attention):
+    """The tower's fast QuickGELU and additive region mask give the features of transformers' CLIP activation and
+    of SDPA with the boolean mask."""
+    model = tiny_model(without_dropout(attn_implementation=attention)).eval()
+    tower = model.clip_rc.vision_model
+    assert all(isinstance(layer.mlp.activation_fn, modeling_clip_rc.CLIPRCQuickGELU) for layer in tower.encoder.layers)
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = tower(pixel_values)
+        mask = tower.attention_mask(8, 8, features)
+        assert mask.dtype == torch.float32 and mask.shape == (1, 1) + features.shape[1:2] * 2
+        allowed = modeling_clip_rc.build_region_attention_mask(model.config.num_prompt_tokens, 8, 8, 2)
+        assert torch.equal(mask[0, 0] == 0, allowed)
+        for layer in tower.encoder.layers:
+            layer.mlp.activation_fn = QuickGELUActivation()
+        if attention == "sdpa":
+            tower.attention_mask = lambda *args: allowed[None, None]
+        expected = tower(pixel_values)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
 
 
 # ---- post-processing -----------------------------------------------------------------------------------------
