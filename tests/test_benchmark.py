@@ -98,3 +98,36 @@ def test_the_shared_side_by_side_harness_runs_our_side(case):
     assert completed.returncode == 0, completed.stderr[-2000:]
     measured = json.loads(completed.stdout.strip().splitlines()[-1])
     assert measured["time"] > 0 and measured["rss_gb"] > 0
+
+
+def test_bf16_agreement_script_reports_each_variant_against_fp32():
+    """`benchmarks/bf16_agreement.py` (the README's Precision figures) on a tiny model: fp32 agrees with itself, the
+    bf16 variants with a share of the pixels, and the decode head's forward is restored afterwards."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bf16_agreement.py"
+    command = [sys.executable, str(script), "--tiny", "--crops", "2", "--threads", "1"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    rows = [line.split("|")[1:3] for line in completed.stdout.splitlines() if line.startswith("| ") and "%" in line]
+    agreement = {variant.strip(): float(share.strip().rstrip("%")) for variant, share in rows}
+    assert set(agreement) == {"fp32", "bf16", "bf16, decode head fp32"} and agreement["fp32"] == 100.0
+    assert all(90.0 <= share <= 100.0 for share in agreement.values())
+
+
+def test_decode_head_in_fp32_runs_the_head_without_autocast_and_restores_it():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from bf16_agreement import decode_head_in_fp32
+    finally:
+        sys.path.pop(0)
+    model = random_preset_model("voc-inductive", tiny=True).eval()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        features = model.clip_rc(pixel_values)
+        expected = model.decode_head(features, model.class_embeddings).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16_logits = model.decode_head(features, model.class_embeddings).logits
+            with decode_head_in_fp32(model):
+                logits = model.decode_head(features, model.class_embeddings).logits
+    assert "forward" not in vars(model.decode_head)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(bf16_logits, expected, rtol=1e-5, atol=1e-5)
