@@ -1,5 +1,6 @@
 """The speed benchmark runs end to end on a tiny configuration and writes valid JSON."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -100,11 +101,13 @@ def test_the_shared_side_by_side_harness_runs_our_side(case):
     assert measured["time"] > 0 and measured["rss_gb"] > 0
 
 
+BF16_AGREEMENT = Path(__file__).resolve().parents[1] / "benchmarks" / "bf16_agreement.py"
+
+
 def test_bf16_agreement_script_reports_each_variant_against_fp32():
-    """`benchmarks/bf16_agreement.py` (the README's Precision figures) on a tiny model: fp32 agrees with itself, the
-    bf16 variants with a share of the pixels, and the decode head's forward is restored afterwards."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bf16_agreement.py"
-    command = [sys.executable, str(script), "--tiny", "--crops", "2", "--threads", "1"]
+    """`benchmarks/bf16_agreement.py` (the README's Precision figures) on a tiny model: fp32 agrees with itself and
+    each bf16 variant with a share of the pixels."""
+    command = [sys.executable, str(BF16_AGREEMENT), "--tiny", "--crops", "2", "--threads", "1"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     rows = [line.split("|")[1:3] for line in completed.stdout.splitlines() if line.startswith("| ") and "%" in line]
@@ -114,11 +117,10 @@ def test_bf16_agreement_script_reports_each_variant_against_fp32():
 
 
 def test_decode_head_in_fp32_runs_the_head_without_autocast_and_restores_it():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        from bf16_agreement import decode_head_in_fp32
-    finally:
-        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location("bf16_agreement", BF16_AGREEMENT)
+    bf16_agreement = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bf16_agreement)
+    decode_head_in_fp32 = bf16_agreement.decode_head_in_fp32
     model = random_preset_model("voc-inductive", tiny=True).eval()
     pixel_values = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
