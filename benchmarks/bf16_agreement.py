@@ -11,7 +11,7 @@ the share of pixels whose label equals fp32's and the seconds per crop. The shar
 
 import argparse
 import contextlib
-import logging
+import sys
 import time
 from collections.abc import Iterator
 
@@ -22,9 +22,6 @@ from clip_rc.image_processing_clip_rc import CLIPRCImageProcessor
 from clip_rc.precision import autocast
 from clip_rc.profiling import random_preset_model
 from clip_rc.utils import setup_logging
-
-
-logger = logging.getLogger("benchmarks.bf16_agreement")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,15 +81,22 @@ def measure(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     return results
 
 
+def report(args: argparse.Namespace, results: dict[str, tuple[float, float]]) -> str:
+    """What was measured, then a Markdown table of the variants."""
+    classes = args.num_classes or "the preset's"
+    lines = [
+        f"{args.preset}, {classes} classes, {args.crops} crops, seed {args.seed}, {args.threads} threads",
+        "| variant | pixels equal to fp32 | s / crop |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {variant} | {agreement:.2%} | {seconds:.2f} |" for variant, (agreement, seconds) in results.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None):
     setup_logging()
     args = parse_args(argv)
-    results = measure(args)
-    classes = args.num_classes or "the preset's"
-    print(f"{args.preset}, {classes} classes, {args.crops} crops, seed {args.seed}, {args.threads} threads")
-    print("| variant | pixels equal to fp32 | s / crop |\n|---|---|---|")
-    for variant, (agreement, seconds) in results.items():
-        print(f"| {variant} | {agreement:.2%} | {seconds:.2f} |")
+    sys.stdout.write(report(args, measure(args)) + "\n")
 
 
 if __name__ == "__main__":
