@@ -30,6 +30,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_clip_rc import CLIPRCConfig, check_class_names
 from .fused_ops import attention_with_dropout, fast_dropout, upsampled_mask_losses
 from .image_processing_clip_rc import CLIPRCImageProcessor
+from .onednn import linear
 
 
 logger = logging.get_logger(__name__)
@@ -147,6 +148,23 @@ def build_region_attention_mask(
     return both_outside_regions | (same_cell & (is_region[:, None] | is_region[None, :]))
 
 
+class CLIPRCLinear(nn.Linear):
+    """`nn.Linear` whose fp32 CPU product goes through [`~onednn.linear`] (oneDNN where it is faster than MKL); the
+    same parameters, initialisation and results up to float rounding."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return linear(inputs, self.weight, self.bias)
+
+
+def use_clip_rc_linears(module: nn.Module) -> nn.Module:
+    """Make every plain `nn.Linear` inside `module` (transformers' CLIP layers) a [`CLIPRCLinear`], in place: a class
+    change only, so parameters, hooks and state stay as they are."""
+    for submodule in module.modules():
+        if type(submodule) is nn.Linear:
+            submodule.__class__ = CLIPRCLinear
+    return module
+
+
 class CLIPRCVisionEmbeddings(nn.Module):
     """CLIP's patch, class and position embeddings with the position table sized for the training crop."""
 
@@ -222,7 +240,7 @@ class CLIPRCVisionTransformer(nn.Module):
 
         self.embeddings = CLIPRCVisionEmbeddings(config)
         self.pre_layrnorm = nn.LayerNorm(embed_dim, eps=vision_config.layer_norm_eps)
-        self.encoder = CLIPEncoder(vision_config)
+        self.encoder = use_clip_rc_linears(CLIPEncoder(vision_config))
         # The image tower runs per crop (the text tower once per class set): its QuickGELU is worth a faster kernel.
         if vision_config.hidden_act == "quick_gelu":
             for layer in self.encoder.layers:
@@ -234,7 +252,7 @@ class CLIPRCVisionTransformer(nn.Module):
         self.deep_prompt_embeddings = nn.Parameter(
             torch.zeros(vision_config.num_hidden_layers - 1, config.num_prompt_tokens, embed_dim)
         )
-        self.prompt_proj = nn.Linear(embed_dim, embed_dim)
+        self.prompt_proj = CLIPRCLinear(embed_dim, embed_dim)
         self.prompt_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.prompt_dropout = nn.Dropout(config.prompt_dropout)
 
@@ -307,10 +325,10 @@ class CLIPRCCrossAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.dropout = config.decoder_attention_dropout
         self.is_causal = False
-        self.q = nn.Linear(hidden_size, hidden_size)
-        self.k = nn.Linear(hidden_size, hidden_size)
-        self.v = nn.Linear(hidden_size, hidden_size)
-        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.q = CLIPRCLinear(hidden_size, hidden_size)
+        self.k = CLIPRCLinear(hidden_size, hidden_size)
+        self.v = CLIPRCLinear(hidden_size, hidden_size)
+        self.proj = CLIPRCLinear(hidden_size, hidden_size)
 
     def _uses_lean_dropout_attention(self, query_states: torch.Tensor) -> bool:
         """Training with attention dropout on CPU through SDPA, whose CPU kernels would materialise the attention
@@ -384,8 +402,8 @@ class CLIPRCDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         hidden_size = config.decoder_hidden_size
         self.multihead_attn = CLIPRCCrossAttention(config)
-        self.linear1 = nn.Linear(hidden_size, config.decoder_intermediate_size)
-        self.linear2 = nn.Linear(config.decoder_intermediate_size, hidden_size)
+        self.linear1 = CLIPRCLinear(hidden_size, config.decoder_intermediate_size)
+        self.linear2 = CLIPRCLinear(config.decoder_intermediate_size, hidden_size)
         self.norm2 = nn.LayerNorm(hidden_size)
         self.norm3 = nn.LayerNorm(hidden_size)
         self.dropout = CLIPRCDropout(config.decoder_dropout)
@@ -422,12 +440,12 @@ class CLIPRCRecoveryDecoder(nn.Module):
     def __init__(self, config: CLIPRCConfig):
         super().__init__()
         hidden_size, embed_dim = config.decoder_hidden_size, config.projection_dim
-        self.query_in = nn.Linear(hidden_size, hidden_size)
-        self.pixel_in = nn.Linear(hidden_size, hidden_size)
+        self.query_in = CLIPRCLinear(hidden_size, hidden_size)
+        self.pixel_in = CLIPRCLinear(hidden_size, hidden_size)
         self.query_layers = nn.ModuleList([CLIPRCDecoderLayer(config) for _ in range(config.recovery_num_layers)])
         self.pixel_layers = nn.ModuleList([CLIPRCDecoderLayer(config) for _ in range(config.recovery_num_layers)])
-        self.query_out = nn.Linear(hidden_size, 2 * embed_dim)
-        self.pixel_out = nn.Linear(hidden_size, embed_dim)
+        self.query_out = CLIPRCLinear(hidden_size, 2 * embed_dim)
+        self.pixel_out = CLIPRCLinear(hidden_size, embed_dim)
 
     def forward(self, queries: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`queries` (B, R*C, hidden), `pixels` (B, N, hidden) -> (B, R*C, 2E) and (B, N, E)."""
@@ -462,8 +480,8 @@ class CLIPRCDecodeHead(nn.Module):
     def __init__(self, config: CLIPRCConfig):
         super().__init__()
         embed_dim, hidden_size = config.projection_dim, config.decoder_hidden_size
-        self.q_proj = nn.Linear(2 * embed_dim, hidden_size)
-        self.lateral_proj = nn.Linear(3 * embed_dim, hidden_size)
+        self.q_proj = CLIPRCLinear(2 * embed_dim, hidden_size)
+        self.lateral_proj = CLIPRCLinear(3 * embed_dim, hidden_size)
         self.decoder_q = nn.ModuleList([CLIPRCDecoderLayer(config) for _ in range(config.decoder_num_layers)])
         self.decoder_v = nn.ModuleList([CLIPRCDecoderLayer(config) for _ in range(config.decoder_num_layers)])
         self.recovery = CLIPRCRecoveryDecoder(config)
@@ -522,9 +540,10 @@ class CLIPRCDecodeHead(nn.Module):
         region_tokens = region_embeds.flatten(2).transpose(1, 2)
         region_context = (region_tokens + global_embeds[:, None, :])[:, :, None, :]
         region_text = region_context * text_embeds[None, None]
-        region_weight, text_weight = self.q_proj.weight.split(embed_dim, dim=1)
-        text_projection = F.linear(text_embeds, text_weight, self.q_proj.bias)
-        queries = F.linear(region_text, region_weight) + text_projection
+        # Contiguous copies of the weight's column halves (dense weights take the fast product kernels).
+        region_weight, text_weight = (half.contiguous() for half in self.q_proj.weight.split(embed_dim, dim=1))
+        text_projection = linear(text_embeds, text_weight, self.q_proj.bias)
+        queries = linear(region_text, region_weight) + text_projection
         return queries.flatten(1, 2), region_text
 
     @staticmethod
@@ -636,9 +655,9 @@ class CLIPRCModel(CLIPRCPreTrainedModel):
             if sub_config._attn_implementation is None:
                 sub_config._attn_implementation = config._attn_implementation
         self.vision_model = CLIPRCVisionTransformer(config)
-        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
-        self.text_model = CLIPTextModel._from_config(config.text_config)
-        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.visual_projection = CLIPRCLinear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.text_model = use_clip_rc_linears(CLIPTextModel._from_config(config.text_config))
+        self.text_projection = CLIPRCLinear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:

@@ -9,6 +9,7 @@ or softmax); the CPU attention kernels, which it has no formula for, are counted
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from .configuration_clip_rc import CLIPRCConfig
 from .modeling_clip_rc import CLIPRCForSemanticSegmentation
+from .onednn import linear
 
 
 __all__ = [
@@ -30,6 +32,10 @@ __all__ = [
 ]
 
 
+def _onednn_linear_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(input_shape) * weight_shape[0]
+
+
 def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)
 
@@ -38,22 +44,23 @@ def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
-# On `meta` attention decomposes into counted matrix products; on CPU it runs these fused kernels, whose formulas
-# make CPU and meta counts agree.
-_CPU_ATTENTION_FORMULAS = {
-    getattr(torch.ops.aten, name): formula
-    for name, formula in (
-        ("_scaled_dot_product_flash_attention_for_cpu", _cpu_attention_flops),
-        ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_attention_backward_flops),
+# On `meta` attention decomposes into counted matrix products and linear layers run `F.linear`; on CPU they run these
+# kernels (fused attention, oneDNN's linear: see `clip_rc.onednn`), whose formulas make CPU and meta counts agree.
+_CPU_KERNEL_FORMULAS = {
+    getattr(namespace, name): formula
+    for namespace, name, formula in (
+        (torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", _cpu_attention_flops),
+        (torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_attention_backward_flops),
+        (torch.ops.mkldnn, "_linear_pointwise", _onednn_linear_flops),
     )
-    if hasattr(torch.ops.aten, name)
+    if hasattr(namespace, name)
 }
 
 
 def count_flops(function: Callable[[], object]) -> int:
     """FLOPs of one call of `function` (matrix products, convolutions and attention kernels, forward and backward
     if it runs a backward pass), on any device including `meta`."""
-    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FORMULAS)
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_KERNEL_FORMULAS)
     with counter:
         function()
     return int(counter.get_total_flops())
@@ -75,8 +82,10 @@ def peak_memory_mb(device: torch.device | str) -> float:
 def matmul_peak_gflops(
     dtype: torch.dtype, threads: int, device: str, sizes: tuple[int, ...] = (1024, 2048), repeats: int = 3
 ) -> float:
-    """The best GFLOP/s of square matmuls of `sizes` (best of `repeats` each) with `threads` threads (the caller's
-    thread count is kept): the processor's practical peak, which small matrices do not reach with several threads."""
+    """The best GFLOP/s of square matrix products of `sizes` (best of `repeats` each) with `threads` threads (the
+    caller's thread count is kept), through `torch.mm` and through the model's linear layers' kernel
+    ([`~onednn.linear`]: oneDNN where it is faster): the processor's practical peak, which small matrices do not
+    reach with several threads."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     best_rate = 0.0
@@ -84,13 +93,14 @@ def matmul_peak_gflops(
         for size in sizes:
             left = torch.randn(size, size, device=device, dtype=dtype)
             right = torch.randn(size, size, device=device, dtype=dtype)
-            left @ right
-            for _ in range(repeats):
-                synchronize(device)
-                start = time.perf_counter()
-                left @ right
-                synchronize(device)
-                best_rate = max(best_rate, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+            for product in (torch.mm, linear):
+                product(left, right)
+                for _ in range(repeats):
+                    synchronize(device)
+                    start = time.perf_counter()
+                    product(left, right)
+                    synchronize(device)
+                    best_rate = max(best_rate, 2 * size**3 / (time.perf_counter() - start) / 1e9)
     finally:
         torch.set_num_threads(previous_threads)
     return best_rate

@@ -1,0 +1,106 @@
+"""
+fp32 linear layers on CPU through oneDNN.
+
+PyTorch runs an fp32 `F.linear` on CPU through MKL's sgemm. On some processors, such as AMD's Zen 5, MKL picks a
+kernel that runs at about half of what the processor can do, while oneDNN (also part of PyTorch's CPU build) runs
+AVX-512 at full width: ~500 against ~230 GFLOP/s on two Zen 5 cores, for every shape CLIP-RC multiplies. [`linear`]
+takes oneDNN's kernel where it is measurably faster (timed once per process and thread count) and `F.linear`
+everywhere else: other devices and dtypes, autocast, and traced or compiled graphs (which must stay portable). Both
+compute in fp32: results differ by float rounding only (a few 1e-6 relative).
+"""
+
+import functools
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
+
+
+__all__ = ["linear", "onednn_linear_speedup"]
+
+# oneDNN must be this much faster than `F.linear` on a CLIP-sized product to be used.
+MIN_ONEDNN_SPEEDUP = 1.15
+
+
+def _onednn_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, "none", [], "")
+
+
+def _seconds(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+@functools.cache
+def onednn_linear_speedup(num_threads: int, repeats: int = 5) -> float:
+    """`F.linear` time / oneDNN time of a (1024 x 768) x (768 x 768) fp32 product with `num_threads` threads (the
+    current count; best of `repeats`, interleaved so that a busy machine slows both alike). Measured once per count."""
+    if not torch.backends.mkldnn.is_available():
+        return 0.0
+    # Out of any active dispatch mode (a FLOP counter, fake tensors): the timing is not part of the caller's work.
+    with _disable_current_modes():
+        return _time_kernels(repeats)
+
+
+def _time_kernels(repeats: int) -> float:
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(1024, 768, generator=generator)
+    weight = torch.randn(768, 768, generator=generator)
+    F.linear(inputs, weight), _onednn_linear(inputs, weight, None)  # warm-up: kernel selection, buffers
+    default = onednn = float("inf")
+    for _ in range(repeats):
+        default = min(default, _seconds(lambda: F.linear(inputs, weight)))
+        onednn = min(onednn, _seconds(lambda: _onednn_linear(inputs, weight, None)))
+    return default / onednn
+
+
+def _applies(*tensors: torch.Tensor | None) -> bool:
+    """Whether oneDNN's kernels serve these fp32 CPU tensors (`None` entries ignored): eager mode, no autocast, and
+    oneDNN enabled and faster than the default kernel on this processor."""
+    tensors = [tensor for tensor in tensors if tensor is not None]
+    return (
+        all(tensor.device.type == "cpu" and tensor.dtype == torch.float32 for tensor in tensors)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and torch._C._get_mkldnn_enabled()
+        and onednn_linear_speedup(torch.get_num_threads()) >= MIN_ONEDNN_SPEEDUP
+    )
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """`rows @ weight.T + bias` for 2-D `rows` through oneDNN, forward and input gradient (the product with the
+    transposed weight); the weight gradient, a reduction over every row, goes through `torch.mm`."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias):
+        ctx.save_for_backward(rows, weight)
+        return _onednn_linear(rows, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_outputs):
+        rows, weight = ctx.saved_tensors
+        grad_rows = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = _onednn_linear(grad_outputs, weight.t().contiguous(), None)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_outputs.t() @ rows
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_outputs.sum(0)
+        return grad_rows, grad_weight, grad_bias
+
+
+def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(inputs, weight, bias)`, through oneDNN where that is faster (see the module docstring)."""
+    # oneDNN's fast kernels read dense rows; strided views (such as a weight's column slice) take a slow path.
+    if not (inputs.is_contiguous() and weight.is_contiguous() and _applies(inputs, weight, bias)):
+        return F.linear(inputs, weight, bias)
+    # The kernel's own outputs, not views of them: autograd lets callers (in-place activations) modify those.
+    rows = inputs.reshape(-1, inputs.shape[-1])
+    tensors = (inputs, weight, bias)
+    needs_grad = torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors)
+    outputs = _OneDNNLinear.apply(rows, weight, bias) if needs_grad else _onednn_linear(rows, weight, bias)
+    return outputs.view(*inputs.shape[:-1], weight.shape[0])

@@ -1,0 +1,151 @@
+"""The linear layers' oneDNN kernel (`clip_rc.onednn`): equal to `F.linear` (values and gradients), taken only where
+it applies, used by every linear layer of the model, and counted by the FLOP counter."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clip_rc import onednn
+from clip_rc.modeling_clip_rc import CLIPRCLinear
+from clip_rc.profiling import count_flops
+
+from .conftest import tiny_model, without_dropout
+
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Force the oneDNN kernel (whatever this processor's timing says) and count its calls."""
+    onednn.onednn_linear_speedup(torch.get_num_threads())  # timed before the kernel is counted
+    calls = []
+    kernel = onednn._onednn_linear
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return kernel(*args)
+
+    monkeypatch.setattr(onednn, "MIN_ONEDNN_SPEEDUP", 0.0)
+    monkeypatch.setattr(onednn, "_onednn_linear", counted)
+    return calls
+
+
+@pytest.mark.parametrize("input_shape", [(7, 24), (2, 33, 24), (2, 3, 5, 24)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_equals_f_linear_with_its_gradients(onednn_calls, input_shape, with_bias):
+    torch.manual_seed(0)
+    inputs = torch.randn(input_shape, requires_grad=True)
+    weight = torch.randn(40, 24, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True) if with_bias else None
+    upstream = torch.randn(*input_shape[:-1], 40)
+
+    outputs = onednn.linear(inputs, weight, bias)
+    expected = F.linear(inputs, weight, bias)
+    assert onednn_calls, "the oneDNN kernel did not run"
+    assert outputs.shape == expected.shape
+    torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-5)
+
+    parameters = [inputs, weight] + ([bias] if with_bias else [])
+    gradients = torch.autograd.grad((outputs * upstream).sum(), parameters)
+    expected_gradients = torch.autograd.grad((expected * upstream).sum(), parameters)
+    assert len(onednn_calls) == 2  # the input gradient too
+    for gradient, expected_gradient in zip(gradients, expected_gradients):
+        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-5, atol=1e-5)
+
+
+def test_outputs_can_be_modified_in_place_under_autograd(onednn_calls):
+    inputs = torch.randn(2, 5, 8, requires_grad=True)
+    weight = torch.randn(6, 8)
+    outputs = F.relu(onednn.linear(inputs, weight), inplace=True)
+    outputs.sum().backward()
+    expected_gradient = (F.linear(inputs, weight) > 0).float() @ weight
+    torch.testing.assert_close(inputs.grad, expected_gradient)
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # from mkldnn.flags(), about GPUs
+@pytest.mark.parametrize(
+    "case",
+    ["bf16 autocast", "bf16 tensors", "strided weight", "oneDNN disabled", "slower than the default", "traced"],
+)
+def test_the_default_kernel_runs_where_onednn_does_not_apply(onednn_calls, monkeypatch, case):
+    inputs, weight = torch.randn(4, 8), torch.randn(6, 8)
+    expected_dtype = torch.float32
+    if case == "bf16 autocast":
+        context, expected_dtype = torch.autocast("cpu", dtype=torch.bfloat16), torch.bfloat16
+    elif case == "bf16 tensors":
+        inputs, weight, expected_dtype = inputs.bfloat16(), weight.bfloat16(), torch.bfloat16
+        context = torch.no_grad()
+    elif case == "strided weight":
+        weight = torch.randn(8, 6).t()
+        context = torch.no_grad()
+    elif case == "oneDNN disabled":
+        context = torch.backends.mkldnn.flags(enabled=False)
+    elif case == "slower than the default":
+        monkeypatch.setattr(onednn, "MIN_ONEDNN_SPEEDUP", float("inf"))
+        context = torch.no_grad()
+    else:
+        monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+        context = torch.no_grad()
+    with context:
+        outputs = onednn.linear(inputs, weight)
+    assert onednn_calls == []
+    assert outputs.dtype == expected_dtype
+    torch.testing.assert_close(outputs.float(), F.linear(inputs.float(), weight.float()), rtol=2e-2, atol=2e-2)
+
+
+def test_every_linear_layer_of_the_model_uses_the_kernel_and_keeps_its_weight_names():
+    model = tiny_model()
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    assert linears and all(type(module) is CLIPRCLinear for module in linears)
+    names = set(model.state_dict())
+    assert "clip_rc.vision_model.encoder.layers.0.mlp.fc1.weight" in names
+    assert "clip_rc.text_model.encoder.layers.0.self_attn.q_proj.weight" in names
+    assert "decode_head.decoder_q.0.linear1.weight" in names
+
+
+def test_the_model_gives_the_default_kernels_results_and_gradients(monkeypatch):
+    """A training step (losses and every gradient) and the inference logits, oneDNN forced on against forced off."""
+    model = tiny_model(without_dropout(setting="transductive"))
+    pixel_values = torch.randn(2, 3, 64, 64)
+    labels = torch.randint(0, 3, (2, 64, 64))
+
+    def step(min_speedup):
+        monkeypatch.setattr(onednn, "MIN_ONEDNN_SPEEDUP", min_speedup)
+        model.zero_grad()
+        outputs = model(pixel_values=pixel_values, labels=labels)
+        outputs.loss.backward()
+        gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            logits = model.eval()(pixel_values=pixel_values).logits
+        model.train()
+        return outputs.loss.detach(), gradients, logits
+
+    loss, gradients, logits = step(0.0)
+    expected_loss, expected_gradients, expected_logits = step(float("inf"))
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    assert gradients.keys() == expected_gradients.keys() and len(gradients) > 10
+    for name, gradient in gradients.items():
+        # Float rounding of sums over many terms: within 1e-5 of the gradient's own scale (1e-9 for gradients that
+        # are zero up to rounding, such as key biases under softmax).
+        scale = expected_gradients[name].abs().max().item()
+        torch.testing.assert_close(gradient, expected_gradients[name], rtol=1e-5, atol=1e-5 * scale + 1e-9, msg=name)
+
+
+def test_flops_are_counted_like_f_linear_and_without_the_kernel_timing(onednn_calls):
+    onednn.onednn_linear_speedup.cache_clear()
+    inputs, weight = torch.randn(3, 10, 16, requires_grad=True), torch.randn(12, 16)
+    forward_and_backward = 2 * (2 * 30 * 16 * 12)
+    assert count_flops(lambda: onednn.linear(inputs, weight).sum().backward()) == forward_and_backward
+    assert onednn_calls
+
+
+def test_the_speedup_is_measured_once_per_thread_count():
+    onednn.onednn_linear_speedup.cache_clear()
+    threads = torch.get_num_threads()
+    speedup = onednn.onednn_linear_speedup(threads)
+    assert speedup > 0
+    assert onednn.onednn_linear_speedup(threads) == speedup
+    assert onednn.onednn_linear_speedup.cache_info().misses == 1
