@@ -30,6 +30,8 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_clip_rc import CLIPRCConfig, check_class_names
 from .fused_ops import attention_with_dropout, fast_dropout, upsampled_mask_losses
 from .image_processing_clip_rc import CLIPRCImageProcessor
+from .onednn import applies as onednn_applies
+from .onednn import attention as onednn_attention
 from .onednn import linear
 
 
@@ -341,6 +343,16 @@ class CLIPRCCrossAttention(nn.Module):
             and torch.is_grad_enabled()
         )
 
+    def _uses_onednn_attention(self, *states: torch.Tensor) -> bool:
+        """Inference through SDPA on a CPU where oneDNN's fp32 products beat the default kernels: [`~onednn.attention`]
+        computes the same with them (CPU SDPA's products are MKL's)."""
+        return (
+            self.config._attn_implementation == "sdpa"
+            and (not self.training or self.dropout == 0)
+            and not (torch.is_grad_enabled() and any(state.requires_grad for state in states))
+            and onednn_applies(*states)
+        )
+
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The key and value states `(batch, heads, num_keys, head_dim)` of `memory` (batch, num_keys, hidden)."""
         batch_size = memory.shape[0]
@@ -360,6 +372,9 @@ class CLIPRCCrossAttention(nn.Module):
         batch_size, num_queries, hidden_size = queries.shape
         query_states = self.q(queries).view(batch_size, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
         key_states, value_states = memory_states if memory_states is not None else self.project_memory(memory)
+        if self._uses_onednn_attention(query_states, key_states, value_states):
+            attended = onednn_attention(query_states, key_states, value_states, self.scale)
+            return self.proj(attended.view(batch_size, num_queries, hidden_size)), None
         if self._uses_lean_dropout_attention(query_states):
             attended = attention_with_dropout(query_states, key_states, value_states, self.dropout, self.scale)
             return self.proj(attended.transpose(1, 2).reshape(batch_size, num_queries, hidden_size)), None

@@ -1,12 +1,14 @@
 """
-fp32 linear layers on CPU through oneDNN.
+fp32 linear layers and decoder attention on CPU through oneDNN.
 
 PyTorch runs an fp32 `F.linear` on CPU through MKL's sgemm. On some processors, such as AMD's Zen 5, MKL picks a
 kernel that runs at about half of what the processor can do, while oneDNN (also part of PyTorch's CPU build) runs
 AVX-512 at full width: ~500 against ~230 GFLOP/s on two Zen 5 cores, for every shape CLIP-RC multiplies. [`linear`]
 takes oneDNN's kernel where it is measurably faster (timed once per process and thread count) and `F.linear`
-everywhere else: other devices and dtypes, autocast, and traced or compiled graphs (which must stay portable). Both
-compute in fp32: results differ by float rounding only (a few 1e-6 relative).
+everywhere else: other devices and dtypes, autocast, and traced or compiled graphs (which must stay portable).
+[`attention`] builds inference attention from the same products (CPU SDPA's are MKL's). Both compute in fp32:
+results differ from the default kernels' by float rounding only (a few 1e-6 relative).
+`torch.backends.mkldnn.flags(enabled=False)` turns them off.
 """
 
 import functools
@@ -15,10 +17,16 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes
+from transformers.utils import logging
 
 
-__all__ = ["linear", "onednn_linear_speedup"]
+__all__ = ["applies", "attention", "linear", "onednn_linear_speedup"]
 
+logger = logging.get_logger(__name__)
+
+# Attention scores per block of queries: 2 MB in fp32 (at least 64 queries, for the products' efficiency).
+ATTENTION_SCORES_PER_BLOCK = 2**19
+MIN_QUERIES_PER_BLOCK = 64
 # oneDNN must be this much faster than `F.linear` on a CLIP-sized product to be used.
 MIN_ONEDNN_SPEEDUP = 1.15
 
@@ -37,11 +45,20 @@ def _seconds(function) -> float:
 def onednn_linear_speedup(num_threads: int, repeats: int = 5) -> float:
     """`F.linear` time / oneDNN time of a (1024 x 768) x (768 x 768) fp32 product with `num_threads` threads (the
     current count; best of `repeats`, interleaved so that a busy machine slows both alike). Measured once per count."""
-    if not torch.backends.mkldnn.is_available():
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return 0.0
     # Out of any active dispatch mode (a FLOP counter, fake tensors): the timing is not part of the caller's work.
     with _disable_current_modes():
-        return _time_kernels(repeats)
+        try:
+            speedup = _time_kernels(repeats)
+        except (RuntimeError, TypeError) as error:  # the op is internal to PyTorch: its signature may change
+            logger.warning(f"oneDNN's linear kernel did not run ({error}); linear layers use F.linear.")
+            return 0.0
+    kernel = "oneDNN" if speedup >= MIN_ONEDNN_SPEEDUP else "F.linear"
+    logger.info(
+        f"fp32 linear layers on CPU with {num_threads} threads: {kernel} (oneDNN at {speedup:.2f}x F.linear's speed)."
+    )
+    return speedup
 
 
 def _time_kernels(repeats: int) -> float:
@@ -56,7 +73,7 @@ def _time_kernels(repeats: int) -> float:
     return default / onednn
 
 
-def _applies(*tensors: torch.Tensor | None) -> bool:
+def applies(*tensors: torch.Tensor | None) -> bool:
     """Whether oneDNN's kernels serve these fp32 CPU tensors (`None` entries ignored): eager mode, no autocast, and
     oneDNN enabled and faster than the default kernel on this processor."""
     tensors = [tensor for tensor in tensors if tensor is not None]
@@ -96,7 +113,7 @@ class _OneDNNLinear(torch.autograd.Function):
 def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(inputs, weight, bias)`, through oneDNN where that is faster (see the module docstring)."""
     # oneDNN's fast kernels read dense rows; strided views (such as a weight's column slice) take a slow path.
-    if not (inputs.is_contiguous() and weight.is_contiguous() and _applies(inputs, weight, bias)):
+    if not (inputs.is_contiguous() and weight.is_contiguous() and applies(inputs, weight, bias)):
         return F.linear(inputs, weight, bias)
     # The kernel's own outputs, not views of them: autograd lets callers (in-place activations) modify those.
     rows = inputs.reshape(-1, inputs.shape[-1])
@@ -104,3 +121,27 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     needs_grad = torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors)
     outputs = _OneDNNLinear.apply(rows, weight, bias) if needs_grad else _onednn_linear(rows, weight, bias)
     return outputs.view(*inputs.shape[:-1], weight.shape[0])
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """
+    `softmax(query @ key^T * scale) @ value` for `(batch, heads, length, head_dim)` tensors that [`applies`] serves,
+    without autograd, through oneDNN's products: per head and block of queries, the scores, their softmax and the
+    weighted values, the scores of a block staying in the processor's cache. Returns `(batch, query_length, heads,
+    head_dim)`, the layout of transformers' attention functions. CPU SDPA runs its products through MKL's kernels.
+    """
+    batch_size, num_heads, num_queries, head_dim = query.shape
+    # Dense rows per head: the queries pre-scaled, the keys, the values transposed (the second product's weight).
+    scaled_query = (query * scale).contiguous()
+    key = key.contiguous()
+    value_columns = value.transpose(-1, -2).contiguous()
+    output = query.new_empty(batch_size, num_queries, num_heads, head_dim)
+    block_size = max(MIN_QUERIES_PER_BLOCK, ATTENTION_SCORES_PER_BLOCK // key.shape[-2])
+    for batch_index in range(batch_size):
+        for head in range(num_heads):
+            head_keys, head_value_columns = key[batch_index, head], value_columns[batch_index, head]
+            for start in range(0, num_queries, block_size):
+                block = slice(start, start + block_size)
+                scores = _onednn_linear(scaled_query[batch_index, head, block], head_keys, None)
+                output[batch_index, block, head] = _onednn_linear(scores.softmax(dim=-1), head_value_columns, None)
+    return output

@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from .onednn import linear
+
 
 logger = logging.getLogger("clip_rc.precision")
 
@@ -89,20 +91,21 @@ def _best_matmul_seconds(left: torch.Tensor, right: torch.Tensor, repeats: int) 
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.mm(left, right)
+        linear(left, right)
         best = min(best, time.perf_counter() - start)
     return best
 
 
 @functools.cache
 def bf16_matmul_speedup(size: int = 512, repeats: int = 5) -> float:
-    """fp32 time / bf16 time of a `size`-square CPU matmul with the current thread count (best of `repeats`, the two
-    interleaved so that a busy machine slows both alike). Measured once per process."""
+    """fp32 time / bf16 time of a `size`-square CPU matmul with the current thread count, through the model's
+    linear layers' kernel ([`~onednn.linear`]; best of `repeats`, the two interleaved so that a busy machine slows both
+    alike). Measured once per process."""
     generator = torch.Generator().manual_seed(0)
     left = torch.randn(size, size, generator=generator)
     right = torch.randn(size, size, generator=generator)
     left_bf16, right_bf16 = left.bfloat16(), right.bfloat16()
-    torch.mm(left, right), torch.mm(left_bf16, right_bf16)  # warm-up: kernel selection, packing buffers
+    linear(left, right), linear(left_bf16, right_bf16)  # warm-up: kernel selection, packing buffers
     fp32 = bf16 = float("inf")
     for _ in range(repeats):
         fp32 = min(fp32, _best_matmul_seconds(left, right, 1))

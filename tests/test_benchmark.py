@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_rc.commands.speed import run_benchmark
+from clip_rc.commands.speed import _case_step, run_benchmark
 from clip_rc.profiling import count_flops, random_preset_model
 
 
@@ -62,6 +62,15 @@ def test_flop_count_includes_cpu_attention_kernels():
 
     forward = 4 * 2 * 5 * 7 * 8  # q k^T and p v, 2 FLOPs per multiply-add
     assert count_flops(step) == forward + int(2.5 * forward)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_inference_steps_run_without_autograd_as_the_inference_path_does(training):
+    model = random_preset_model("voc-inductive", tiny=True).train(training)
+    grad_enabled = []
+    model.decode_head.register_forward_hook(lambda *args: grad_enabled.append(torch.is_grad_enabled()))
+    _case_step(model, batch_size=1, training=training, autocast_dtype=None, device=torch.device("cpu"))()
+    assert grad_enabled == [training]
 
 
 def test_unknown_cases_are_refused_naming_the_case(capsys):

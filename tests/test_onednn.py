@@ -95,6 +95,44 @@ def test_the_default_kernel_runs_where_onednn_does_not_apply(onednn_calls, monke
     torch.testing.assert_close(outputs.float(), F.linear(inputs.float(), weight.float()), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize(("num_queries", "num_keys"), [(5, 7), (150, 40), (70, 3000)])
+def test_attention_equals_sdpa(onednn_calls, monkeypatch, num_queries, num_keys):
+    """Per head and block of queries (blocks of 64 rows here: several blocks and a partial last one)."""
+    monkeypatch.setattr(onednn, "ATTENTION_SCORES_PER_BLOCK", 1)
+    torch.manual_seed(0)
+    # Transposed views, as the decoder's projections give them.
+    query = torch.randn(2, num_queries, 3, 16).transpose(1, 2)
+    key, value = (torch.randn(2, num_keys, 3, 16).transpose(1, 2) for _ in range(2))
+    attended = onednn.attention(query, key, value, scale=0.3)
+    expected = F.scaled_dot_product_attention(query, key, value, scale=0.3).transpose(1, 2)
+    assert attended.shape == (2, num_queries, 3, 16)
+    torch.testing.assert_close(attended, expected, rtol=1e-5, atol=1e-6)
+    blocks = -(-num_queries // onednn.MIN_QUERIES_PER_BLOCK)
+    assert len(onednn_calls) == 2 * 2 * 3 * blocks  # two products per (image, head, block)
+
+
+def test_the_decoder_attends_through_onednn_only_without_autograd(onednn_calls):
+    model = tiny_model()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    attention_calls = []
+    attention = onednn.attention
+
+    def recorded(*args, **kwargs):
+        attention_calls.append(args[0].shape)
+        return attention(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("clip_rc.modeling_clip_rc.onednn_attention", recorded)
+        with torch.no_grad():
+            model.eval()(pixel_values=pixel_values)
+        # 3 query and 3 pixel layers of the decode head.
+        assert len(attention_calls) == 2 * model.config.decoder_num_layers
+        attention_calls.clear()
+        model.eval()(pixel_values=pixel_values)  # the head's weights want gradients
+        model.train()(pixel_values=pixel_values, labels=torch.zeros(1, 64, 64, dtype=torch.long))
+        assert attention_calls == []
+
+
 def test_every_linear_layer_of_the_model_uses_the_kernel_and_keeps_its_weight_names():
     model = tiny_model()
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
@@ -142,6 +180,20 @@ def test_flops_are_counted_like_f_linear_and_without_the_kernel_timing(onednn_ca
     assert onednn_calls
 
 
+def test_inference_flops_are_the_same_through_onednn_and_the_default_kernels(onednn_calls, monkeypatch):
+    model = tiny_model().eval()
+    pixel_values = torch.randn(1, 3, 64, 64)
+
+    def inference():
+        with torch.no_grad():
+            model(pixel_values=pixel_values)
+
+    through_onednn = count_flops(inference)
+    assert onednn_calls
+    monkeypatch.setattr(onednn, "MIN_ONEDNN_SPEEDUP", float("inf"))
+    assert through_onednn == count_flops(inference) > 0
+
+
 def test_the_speedup_is_measured_once_per_thread_count():
     onednn.onednn_linear_speedup.cache_clear()
     threads = torch.get_num_threads()
@@ -149,3 +201,19 @@ def test_the_speedup_is_measured_once_per_thread_count():
     assert speedup > 0
     assert onednn.onednn_linear_speedup(threads) == speedup
     assert onednn.onednn_linear_speedup.cache_info().misses == 1
+
+
+def test_a_kernel_that_fails_to_run_leaves_the_default_kernel(monkeypatch):
+    """The oneDNN op is internal to PyTorch: if a future version changes it, the timing fails and F.linear serves."""
+
+    def changed_signature(*args):
+        raise TypeError("_linear_pointwise() takes 4 arguments")
+
+    onednn.onednn_linear_speedup.cache_clear()
+    monkeypatch.setattr(onednn, "_onednn_linear", changed_signature)
+    inputs, weight = torch.randn(4, 8), torch.randn(6, 8)
+    try:
+        assert onednn.onednn_linear_speedup(torch.get_num_threads()) == 0.0
+        torch.testing.assert_close(onednn.linear(inputs, weight), F.linear(inputs, weight))
+    finally:
+        onednn.onednn_linear_speedup.cache_clear()

@@ -106,7 +106,11 @@ def _case_step(model, batch_size: int, training: bool, autocast_dtype, device: t
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5) if training else None
 
     def step():
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        # Inference without autograd, as evaluation, prediction and the pipelines run it.
+        with (
+            torch.set_grad_enabled(training),
+            torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+        ):
             if training:
                 loss = model(pixel_values, labels=labels).loss
             else:
