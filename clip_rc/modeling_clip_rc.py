@@ -167,6 +167,39 @@ def use_clip_rc_linears(module: nn.Module) -> nn.Module:
     return module
 
 
+def uses_onednn_attention(attention: nn.Module, *tensors: torch.Tensor | None) -> bool:
+    """Whether an attention module (with `config`, `training`, `dropout`) computes through [`~onednn.attention`]:
+    inference with SDPA (no dropout, no gradient) on fp32 CPU tensors, where oneDNN's products beat the default
+    kernels (CPU SDPA's are MKL's). Boolean masks stay with SDPA."""
+    return (
+        attention.config._attn_implementation == "sdpa"
+        and (not attention.training or attention.dropout == 0)
+        and not (torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors))
+        and onednn_applies(*tensors)
+    )
+
+
+class CLIPRCAttention(CLIPAttention):
+    """transformers' CLIP attention, whose inference goes through [`~onednn.attention`] where [`uses_onednn_attention`]
+    says so (the image tower's 1141-token self-attention: ~1.6x CPU SDPA's rate there)."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not uses_onednn_attention(self, hidden_states, attention_mask):
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        queries, keys, values = (
+            projection(hidden_states).view(hidden_shape).transpose(1, 2)
+            for projection in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        attended = onednn_attention(queries, keys, values, self.scale, attention_mask)
+        return self.out_proj(attended.reshape(*hidden_states.shape[:-1], -1)), None
+
+
 class CLIPRCVisionEmbeddings(nn.Module):
     """CLIP's patch, class and position embeddings with the position table sized for the training crop."""
 
@@ -244,8 +277,9 @@ class CLIPRCVisionTransformer(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(embed_dim, eps=vision_config.layer_norm_eps)
         self.encoder = use_clip_rc_linears(CLIPEncoder(vision_config))
         # The image tower runs per crop (the text tower once per class set): its QuickGELU is worth a faster kernel.
-        if vision_config.hidden_act == "quick_gelu":
-            for layer in self.encoder.layers:
+        for layer in self.encoder.layers:
+            layer.self_attn.__class__ = CLIPRCAttention  # the same module, with a faster inference path
+            if vision_config.hidden_act == "quick_gelu":
                 layer.mlp.activation_fn = CLIPRCQuickGELU()
         self.post_layernorm = nn.LayerNorm(embed_dim, eps=vision_config.layer_norm_eps)
 
@@ -343,16 +377,6 @@ class CLIPRCCrossAttention(nn.Module):
             and torch.is_grad_enabled()
         )
 
-    def _uses_onednn_attention(self, *states: torch.Tensor) -> bool:
-        """Inference through SDPA on a CPU where oneDNN's fp32 products beat the default kernels: [`~onednn.attention`]
-        computes the same with them (CPU SDPA's products are MKL's)."""
-        return (
-            self.config._attn_implementation == "sdpa"
-            and (not self.training or self.dropout == 0)
-            and not (torch.is_grad_enabled() and any(state.requires_grad for state in states))
-            and onednn_applies(*states)
-        )
-
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The key and value states `(batch, heads, num_keys, head_dim)` of `memory` (batch, num_keys, hidden)."""
         batch_size = memory.shape[0]
@@ -372,7 +396,7 @@ class CLIPRCCrossAttention(nn.Module):
         batch_size, num_queries, hidden_size = queries.shape
         query_states = self.q(queries).view(batch_size, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
         key_states, value_states = memory_states if memory_states is not None else self.project_memory(memory)
-        if self._uses_onednn_attention(query_states, key_states, value_states):
+        if uses_onednn_attention(self, query_states, key_states, value_states):
             attended = onednn_attention(query_states, key_states, value_states, self.scale)
             return self.proj(attended.view(batch_size, num_queries, hidden_size)), None
         if self._uses_lean_dropout_attention(query_states):

@@ -1,5 +1,5 @@
 """
-fp32 linear layers and decoder attention on CPU through oneDNN.
+fp32 linear layers and inference attention on CPU through oneDNN.
 
 PyTorch runs an fp32 `F.linear` on CPU through MKL's sgemm. On some processors, such as AMD's Zen 5, MKL picks a
 kernel that runs at about half of what the processor can do, while oneDNN (also part of PyTorch's CPU build) runs
@@ -123,12 +123,19 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return outputs.view(*inputs.shape[:-1], weight.shape[0])
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    additive_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """
-    `softmax(query @ key^T * scale) @ value` for `(batch, heads, length, head_dim)` tensors that [`applies`] serves,
-    without autograd, through oneDNN's products: per head and block of queries, the scores, their softmax and the
-    weighted values, the scores of a block staying in the processor's cache. Returns `(batch, query_length, heads,
-    head_dim)`, the layout of transformers' attention functions. CPU SDPA runs its products through MKL's kernels.
+    `softmax(query @ key^T * scale + additive_mask) @ value` for `(batch, heads, length, head_dim)` tensors that
+    [`applies`] serves, without autograd, through oneDNN's products: per head and block of queries, the scores, their
+    softmax and the weighted values, the scores of a block staying in the processor's cache. `additive_mask`
+    broadcasts to `(batch, heads, query_length, key_length)`. Returns `(batch, query_length, heads, head_dim)`, the
+    layout of transformers' attention functions. CPU SDPA runs its products through MKL's kernels.
     """
     batch_size, num_heads, num_queries, head_dim = query.shape
     # Dense rows per head: the queries pre-scaled, the keys, the values transposed (the second product's weight).
@@ -136,6 +143,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale
     key = key.contiguous()
     value_columns = value.transpose(-1, -2).contiguous()
     output = query.new_empty(batch_size, num_queries, num_heads, head_dim)
+    if additive_mask is not None:
+        additive_mask = additive_mask.expand(batch_size, num_heads, num_queries, key.shape[-2])
     block_size = max(MIN_QUERIES_PER_BLOCK, ATTENTION_SCORES_PER_BLOCK // key.shape[-2])
     for batch_index in range(batch_size):
         for head in range(num_heads):
@@ -143,5 +152,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale
             for start in range(0, num_queries, block_size):
                 block = slice(start, start + block_size)
                 scores = _onednn_linear(scaled_query[batch_index, head, block], head_keys, None)
+                if additive_mask is not None:
+                    scores += additive_mask[batch_index, head, block]
                 output[batch_index, block, head] = _onednn_linear(scores.softmax(dim=-1), head_value_columns, None)
     return output

@@ -96,22 +96,29 @@ def test_the_default_kernel_runs_where_onednn_does_not_apply(onednn_calls, monke
 
 
 @pytest.mark.parametrize(("num_queries", "num_keys"), [(5, 7), (150, 40), (70, 3000)])
-def test_attention_equals_sdpa(onednn_calls, monkeypatch, num_queries, num_keys):
-    """Per head and block of queries (blocks of 64 rows here: several blocks and a partial last one)."""
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_attention_equals_sdpa(onednn_calls, monkeypatch, num_queries, num_keys, with_mask):
+    """Per head and block of queries (blocks of 64 rows here: several blocks and a partial last one), with an
+    additive mask that broadcasts over images and heads as the image tower's region mask does."""
     monkeypatch.setattr(onednn, "ATTENTION_SCORES_PER_BLOCK", 1)
     torch.manual_seed(0)
-    # Transposed views, as the decoder's projections give them.
+    # Transposed views, as the projections give them.
     query = torch.randn(2, num_queries, 3, 16).transpose(1, 2)
     key, value = (torch.randn(2, num_keys, 3, 16).transpose(1, 2) for _ in range(2))
-    attended = onednn.attention(query, key, value, scale=0.3)
-    expected = F.scaled_dot_product_attention(query, key, value, scale=0.3).transpose(1, 2)
+    mask = None
+    if with_mask:
+        allowed = torch.rand(num_queries, num_keys) < 0.7
+        allowed[:, 0] = True
+        mask = torch.zeros(1, 1, num_queries, num_keys).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    attended = onednn.attention(query, key, value, scale=0.3, additive_mask=mask)
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.3).transpose(1, 2)
     assert attended.shape == (2, num_queries, 3, 16)
     torch.testing.assert_close(attended, expected, rtol=1e-5, atol=1e-6)
     blocks = -(-num_queries // onednn.MIN_QUERIES_PER_BLOCK)
     assert len(onednn_calls) == 2 * 2 * 3 * blocks  # two products per (image, head, block)
 
 
-def test_the_decoder_attends_through_onednn_only_without_autograd(onednn_calls):
+def test_the_image_tower_and_the_decoder_attend_through_onednn_only_without_autograd(onednn_calls):
     model = tiny_model()
     pixel_values = torch.randn(1, 3, 64, 64)
     attention_calls = []
@@ -125,8 +132,9 @@ def test_the_decoder_attends_through_onednn_only_without_autograd(onednn_calls):
         patch.setattr("clip_rc.modeling_clip_rc.onednn_attention", recorded)
         with torch.no_grad():
             model.eval()(pixel_values=pixel_values)
-        # 3 query and 3 pixel layers of the decode head.
-        assert len(attention_calls) == 2 * model.config.decoder_num_layers
+        # The image tower's layers, then the decode head's query and pixel layers.
+        tower_layers = model.config.vision_config.num_hidden_layers
+        assert len(attention_calls) == tower_layers + 2 * model.config.decoder_num_layers
         attention_calls.clear()
         model.eval()(pixel_values=pixel_values)  # the head's weights want gradients
         model.train()(pixel_values=pixel_values, labels=torch.zeros(1, 64, 64, dtype=torch.long))
