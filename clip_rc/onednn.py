@@ -13,6 +13,7 @@ results differ from the default kernels' by float rounding only (a few 1e-6 rela
 
 import functools
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from transformers.utils import logging
 
 
-__all__ = ["applies", "attention", "linear", "onednn_linear_speedup"]
+__all__ = ["applies", "attention", "linear", "onednn_linear_speedup", "timed_speedup"]
 
 logger = logging.get_logger(__name__)
 
@@ -35,10 +36,21 @@ def _onednn_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, "none", [], "")
 
 
-def _seconds(function) -> float:
+def _seconds(function: Callable[[], object]) -> float:
     start = time.perf_counter()
     function()
     return time.perf_counter() - start
+
+
+def timed_speedup(baseline: Callable[[], object], candidate: Callable[[], object], repeats: int) -> float:
+    """`baseline` time / `candidate` time: one warm-up call of each (kernel selection, buffers), then the best of
+    `repeats` calls each, interleaved so that a busy machine slows both alike."""
+    baseline(), candidate()
+    baseline_best = candidate_best = float("inf")
+    for _ in range(repeats):
+        baseline_best = min(baseline_best, _seconds(baseline))
+        candidate_best = min(candidate_best, _seconds(candidate))
+    return baseline_best / candidate_best
 
 
 @functools.cache
@@ -65,12 +77,7 @@ def _time_kernels(repeats: int) -> float:
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(1024, 768, generator=generator)
     weight = torch.randn(768, 768, generator=generator)
-    F.linear(inputs, weight), _onednn_linear(inputs, weight, None)  # warm-up: kernel selection, buffers
-    default = onednn = float("inf")
-    for _ in range(repeats):
-        default = min(default, _seconds(lambda: F.linear(inputs, weight)))
-        onednn = min(onednn, _seconds(lambda: _onednn_linear(inputs, weight, None)))
-    return default / onednn
+    return timed_speedup(lambda: F.linear(inputs, weight), lambda: _onednn_linear(inputs, weight, None), repeats)
 
 
 def applies(*tensors: torch.Tensor | None) -> bool:

@@ -13,11 +13,10 @@ import functools
 import logging
 import os
 import platform
-import time
 
 import torch
 
-from .onednn import linear
+from .onednn import linear, timed_speedup
 
 
 logger = logging.getLogger("clip_rc.precision")
@@ -87,15 +86,6 @@ def format_cpu_description(description: dict) -> str:
     )
 
 
-def _best_matmul_seconds(left: torch.Tensor, right: torch.Tensor, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        linear(left, right)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 @functools.cache
 def bf16_matmul_speedup(size: int = 512, repeats: int = 5) -> float:
     """fp32 time / bf16 time of a `size`-square CPU matmul with the current thread count, through the model's
@@ -105,12 +95,7 @@ def bf16_matmul_speedup(size: int = 512, repeats: int = 5) -> float:
     left = torch.randn(size, size, generator=generator)
     right = torch.randn(size, size, generator=generator)
     left_bf16, right_bf16 = left.bfloat16(), right.bfloat16()
-    linear(left, right), linear(left_bf16, right_bf16)  # warm-up: kernel selection, packing buffers
-    fp32 = bf16 = float("inf")
-    for _ in range(repeats):
-        fp32 = min(fp32, _best_matmul_seconds(left, right, 1))
-        bf16 = min(bf16, _best_matmul_seconds(left_bf16, right_bf16, 1))
-    return fp32 / bf16
+    return timed_speedup(lambda: linear(left, right), lambda: linear(left_bf16, right_bf16), repeats)
 
 
 def fast_bf16_matmul(device: str | torch.device = "cpu") -> bool:
