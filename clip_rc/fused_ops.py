@@ -1,15 +1,17 @@
 """
-Memory-lean autograd functions of the CLIP-RC training step, each equal (up to float rounding) to the plain
-computation it replaces, with a hand-written backward pass that recomputes its large intermediates chunk by chunk:
+Memory-lean autograd functions of CLIP-RC, each equal (up to float rounding) to the plain computation it replaces,
+with a hand-written backward pass that recomputes its large intermediates chunk by chunk:
 
 - [`upsampled_mask_losses`]: the sigmoid focal and dice losses of every (image, class) mask on the logits upsampled
   to the label size. The plain computation keeps several full-resolution tensors per class for the backward pass
   (156 classes x 512 x 512 floats each at COCO-Stuff size); here a few classes at a time are upsampled, scored and
   dropped, forward and backward, so the full-resolution work stays in the processor's caches.
-- [`attention_with_dropout`]: softmax attention with dropout on the attention probabilities, as the reference's
-  decoder trains. CPU attention kernels do dropout only by materialising the (heads, queries, keys) maps; here they
-  are computed a block of queries at a time and recomputed in the backward pass (as flash attention does), the
-  dropout masks drawn from a counter-based generator so that the backward pass replays them.
+- [`blocked_attention`]: softmax attention, with an additive mask and dropout on the probabilities (as the
+  reference's decoder trains), per head and block of queries, recomputed in the backward pass (as flash attention
+  does), the dropout masks drawn from a counter-based generator so that the backward pass replays them. CPU SDPA
+  does dropout only by materialising the (heads, queries, keys) maps, and runs its products through MKL's kernels;
+  here every product reads dense rows, the layout of [`~onednn.linear`]'s oneDNN kernel (2-3x MKL's rate on AMD's
+  Zen 5). Inference takes the same forward pass.
 - [`fast_dropout`]: dropout with the same fast, replayable masks (the decoder's activations).
 """
 
@@ -18,15 +20,17 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .onednn import linear
 
-__all__ = ["attention_with_dropout", "fast_dropout", "upsampled_mask_losses"]
+
+__all__ = ["blocked_attention", "fast_dropout", "upsampled_mask_losses"]
 
 # Full-resolution elements (per intermediate tensor) of one chunk of classes of the mask losses: 1 MB in fp32, a
 # class of a 512 x 512 label map per chunk.
 MASK_LOSS_ELEMENTS_PER_CHUNK = 2**18
-# Attention-probability elements of one block of queries (8 MB in fp32: ~100 or more queries per block at the
-# decoder's sizes, enough for the matrix products to run near their peak).
-ATTENTION_ELEMENTS_PER_BLOCK = 2**21
+# Attention scores of one head's block of queries: 2 MB in fp32 (at least 64 queries, for the products' efficiency).
+ATTENTION_SCORES_PER_BLOCK = 2**19
+MIN_QUERIES_PER_BLOCK = 64
 
 
 # ---- mask losses ----------------------------------------------------------------------------------------------
@@ -172,7 +176,7 @@ def upsampled_mask_losses(
     return _UpsampledMaskLosses.apply(logits, targets, ignore_index, alpha, gamma)
 
 
-# ---- attention with dropout ---------------------------------------------------------------------------------------
+# ---- attention ----------------------------------------------------------------------------------------------------
 
 
 # splitmix64 (Steele, Lea and Flood 2014): a Weyl sequence of 64-bit states through a mixing function. Counter-
@@ -226,70 +230,119 @@ def _block_keep_mask(seed: int, block_index: int, shape: tuple[int, ...], dropou
     return bits.sub_(threshold - 1).clamp_(0, 1)
 
 
-def _query_blocks(query: torch.Tensor, num_keys: int) -> list[tuple[int, int]]:
-    batch_heads, num_queries = query.shape[0] * query.shape[1], query.shape[2]
-    rows = max(1, ATTENTION_ELEMENTS_PER_BLOCK // (batch_heads * num_keys))
-    return [(start, min(start + rows, num_queries)) for start in range(0, num_queries, rows)]
+def _query_blocks(num_queries: int, num_keys: int) -> list[slice]:
+    rows = max(MIN_QUERIES_PER_BLOCK, ATTENTION_SCORES_PER_BLOCK // num_keys)
+    return [slice(start, min(start + rows, num_queries)) for start in range(0, num_queries, rows)]
 
 
-def _block_probabilities(scaled_query_block: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    return torch.matmul(scaled_query_block, key.transpose(-1, -2)).softmax(dim=-1)
+def _heads(query: torch.Tensor) -> list[tuple[int, int]]:
+    return [(batch, head) for batch in range(query.shape[0]) for head in range(query.shape[1])]
 
 
-class _AttentionWithDropout(torch.autograd.Function):
-    # The dropout's 1 / (1 - p) scale is applied to the small operands (values, output gradients), not to the
-    # (queries x keys) blocks; the softmax scale to the queries. The backward pass runs under the forward pass's
-    # autocast state (CPU only: the function serves CPU attention).
+def _block_probabilities(scaled_query_rows, keys, mask_rows) -> torch.Tensor:
+    """softmax(scaled queries @ keys^T + mask) of one head's block: `(rows, head_dim)`, `(num_keys, head_dim)` dense
+    rows (the product's fast layout) and `(rows, num_keys)` or `None`."""
+    scores = linear(scaled_query_rows, keys)
+    if mask_rows is not None:
+        scores += mask_rows
+    return scores.softmax(dim=-1)
+
+
+class _BlockedAttention(torch.autograd.Function):
+    # Per head and block of queries: the block's scores stay in the processor's cache, and every product reads dense
+    # rows, the layout oneDNN's kernel needs (`linear`). The dropout's 1 / (1 - p) scale is applied to the small
+    # operands (values, output gradients), the softmax scale to the queries (and to the keys for the queries'
+    # gradient). The backward pass runs under the forward pass's autocast state (CPU only: the function serves CPU
+    # attention).
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, query, key, value, dropout: float, scale: float, seed: int):
-        scaled_query = query * scale
-        scaled_value = value / (1 - dropout)
-        output = query.new_empty(*query.shape[:-1], value.shape[-1])
-        for block_index, (start, end) in enumerate(_query_blocks(query, key.shape[-2])):
-            probabilities = _block_probabilities(scaled_query[:, :, start:end], key)
-            kept = probabilities.mul_(_block_keep_mask(seed, block_index, probabilities.shape, dropout))
-            output[:, :, start:end] = torch.matmul(kept, scaled_value)
-        ctx.save_for_backward(query, key, value, output)
+    def forward(ctx, query, key, value, additive_mask, dropout: float, scale: float, seed: int):
+        batch_size, num_heads, num_queries, _ = query.shape
+        blocks = _query_blocks(num_queries, key.shape[-2])
+        # Stored as (batch, queries, heads, head_dim), the layout the output projection reads.
+        output = query.new_empty(batch_size, num_queries, num_heads, value.shape[-1]).transpose(1, 2)
+        masks = None if additive_mask is None else additive_mask.expand(*query.shape[:-1], key.shape[-2])
+        for head_index, (batch, head) in enumerate(_heads(query)):
+            scaled_query = (query[batch, head] * scale).contiguous()
+            keys = key[batch, head].contiguous()
+            value_columns = (value[batch, head] / (1 - dropout)).t().contiguous()
+            for block_index, block in enumerate(blocks):
+                probabilities = _block_probabilities(
+                    scaled_query[block], keys, None if masks is None else masks[batch, head, block]
+                )
+                if dropout:
+                    keep_index = head_index * len(blocks) + block_index
+                    probabilities.mul_(_block_keep_mask(seed, keep_index, probabilities.shape, dropout))
+                output[batch, head, block] = linear(probabilities, value_columns)
+        ctx.save_for_backward(query, key, value, output, additive_mask)
         ctx.settings = (dropout, scale, seed)
         return output
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_output):
-        query, key, value, output = ctx.saved_tensors
+        query, key, value, output, additive_mask = ctx.saved_tensors
         dropout, scale, seed = ctx.settings
-        scaled_query = query * scale
-        scaled_grad_output = grad_output / (1 - dropout)
-        grad_query, grad_key, grad_value = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
         # sum_j dP_j P_j of the softmax backward equals dO . O (O = dropped P @ V): one value per query.
         output_dots = (grad_output * output).sum(-1, keepdim=True)
-        for block_index, (start, end) in enumerate(_query_blocks(query, key.shape[-2])):
-            probabilities = _block_probabilities(scaled_query[:, :, start:end], key)
-            keep = _block_keep_mask(seed, block_index, probabilities.shape, dropout)
-            grad_output_block = scaled_grad_output[:, :, start:end]
-            grad_value += torch.matmul((probabilities * keep).transpose(-1, -2), grad_output_block)
-            grad_probabilities = torch.matmul(grad_output_block, value.transpose(-1, -2)).mul_(keep)
-            grad_scores = probabilities.mul_(grad_probabilities.sub_(output_dots[:, :, start:end]))
-            grad_query[:, :, start:end] = torch.matmul(grad_scores, key).mul_(scale)
-            grad_key += torch.matmul(grad_scores.transpose(-1, -2), scaled_query[:, :, start:end])
-        return grad_query, grad_key, grad_value, None, None, None
+        masks = None if additive_mask is None else additive_mask.expand(*query.shape[:-1], key.shape[-2])
+        for head_index, (batch, head) in enumerate(_heads(query)):
+            head_masks = None if masks is None else masks[batch, head]
+            grad_query[batch, head], grad_key[batch, head], grad_value[batch, head] = _head_attention_backward(
+                query[batch, head], key[batch, head], value[batch, head], grad_output[batch, head],
+                output_dots[batch, head], head_masks, dropout, scale, seed, head_index,
+            )  # fmt: skip
+        return grad_query, grad_key, grad_value, None, None, None, None
 
 
-def attention_with_dropout(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float, scale: float
+def _head_attention_backward(
+    query, key, value, grad_output, output_dots, masks, dropout: float, scale: float, seed: int, head_index: int
+):
+    """One head's gradients `(query, key, value)` of [`_BlockedAttention`] (`(length, head_dim)` each), a block of
+    queries at a time, its probabilities recomputed and its dropout masks (those of head `head_index`) replayed."""
+    blocks = _query_blocks(query.shape[0], key.shape[0])
+    scaled_query, keys, values = (query * scale).contiguous(), key.contiguous(), value.contiguous()
+    scaled_key_columns = (key * scale).t().contiguous()
+    scaled_grad_output = (grad_output / (1 - dropout)).contiguous()
+    grad_query = torch.empty_like(query)
+    grad_key, grad_value = torch.zeros_like(keys), torch.zeros_like(values)
+    for block_index, block in enumerate(blocks):
+        probabilities = _block_probabilities(scaled_query[block], keys, None if masks is None else masks[block])
+        grad_probabilities = linear(scaled_grad_output[block], values)
+        kept = probabilities
+        if dropout:
+            keep = _block_keep_mask(seed, head_index * len(blocks) + block_index, probabilities.shape, dropout)
+            kept = probabilities * keep
+            grad_probabilities.mul_(keep)
+        grad_value += torch.mm(kept.t(), scaled_grad_output[block])
+        grad_scores = probabilities.mul_(grad_probabilities.sub_(output_dots[block]))
+        grad_query[block] = linear(grad_scores, scaled_key_columns)
+        grad_key += torch.mm(grad_scores.t(), scaled_query[block])
+    return grad_query, grad_key, grad_value
+
+
+def blocked_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    dropout: float = 0.0,
+    additive_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
-    `dropout(softmax(query @ key^T * scale)) @ value` for `(B, heads, L, head_dim)` CPU tensors, a block of queries at
-    a time, the probabilities recomputed in the backward pass (the dropout masks, see `_block_keep_mask`, replayed
-    from a seed drawn from the default generator). Returns
-    `(B, heads, L_query, head_dim)`.
+    `dropout(softmax(query @ key^T * scale + additive_mask)) @ value` for `(batch, heads, length, head_dim)` CPU
+    tensors, per head and block of queries, with autograd: the probabilities are recomputed in the backward pass (as
+    flash attention does), the dropout masks (see `_block_keep_mask`) replayed from a seed drawn from the default
+    generator. The products go through [`~onednn.linear`] (oneDNN's kernel where it is faster, `F.linear` elsewhere).
+    `additive_mask` broadcasts to `(batch, heads, query_length, key_length)` and gets no gradient. Returns
+    `(batch, heads, query_length, head_dim)`, a view of a `(batch, query_length, heads, head_dim)` tensor.
     """
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
-    seed = int(torch.randint(0, 2**62, ()))
-    return _AttentionWithDropout.apply(query, key, value, dropout, scale, seed)
+    seed = int(torch.randint(0, 2**62, ())) if dropout else 0
+    return _BlockedAttention.apply(query, key, value, additive_mask, dropout, scale, seed)
 
 
 # ---- dropout ------------------------------------------------------------------------------------------------------

@@ -1,14 +1,14 @@
 """
-fp32 linear layers and inference attention on CPU through oneDNN.
+fp32 linear layers on CPU through oneDNN.
 
 PyTorch runs an fp32 `F.linear` on CPU through MKL's sgemm. On some processors, such as AMD's Zen 5, MKL picks a
 kernel that runs at about half of what the processor can do, while oneDNN (also part of PyTorch's CPU build) runs
 AVX-512 at full width: ~500 against ~230 GFLOP/s on two Zen 5 cores, for every shape CLIP-RC multiplies. [`linear`]
 takes oneDNN's kernel where it is measurably faster (timed once per process and thread count) and `F.linear`
 everywhere else: other devices and dtypes, autocast, and traced or compiled graphs (which must stay portable).
-[`attention`] builds inference attention from the same products (CPU SDPA's are MKL's). Both compute in fp32:
-results differ from the default kernels' by float rounding only (a few 1e-6 relative).
-`torch.backends.mkldnn.flags(enabled=False)` turns them off.
+[`~fused_ops.blocked_attention`] builds attention from the same products (CPU SDPA's are MKL's). It computes in
+fp32: results differ from the default kernel's by float rounding only (a few 1e-6 relative).
+`torch.backends.mkldnn.flags(enabled=False)` turns it off.
 """
 
 import functools
@@ -21,13 +21,10 @@ from torch.utils._python_dispatch import _disable_current_modes
 from transformers.utils import logging
 
 
-__all__ = ["applies", "attention", "linear", "onednn_linear_speedup", "timed_speedup"]
+__all__ = ["applies", "linear", "onednn_linear_speedup", "timed_speedup"]
 
 logger = logging.get_logger(__name__)
 
-# Attention scores per block of queries: 2 MB in fp32 (at least 64 queries, for the products' efficiency).
-ATTENTION_SCORES_PER_BLOCK = 2**19
-MIN_QUERIES_PER_BLOCK = 64
 # oneDNN must be this much faster than `F.linear` on a CLIP-sized product to be used.
 MIN_ONEDNN_SPEEDUP = 1.15
 
@@ -128,38 +125,3 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     needs_grad = torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors)
     outputs = _OneDNNLinear.apply(rows, weight, bias) if needs_grad else _onednn_linear(rows, weight, bias)
     return outputs.view(*inputs.shape[:-1], weight.shape[0])
-
-
-def attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    scale: float,
-    additive_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """
-    `softmax(query @ key^T * scale + additive_mask) @ value` for `(batch, heads, length, head_dim)` tensors that
-    [`applies`] serves, without autograd, through oneDNN's products: per head and block of queries, the scores, their
-    softmax and the weighted values, the scores of a block staying in the processor's cache. `additive_mask`
-    broadcasts to `(batch, heads, query_length, key_length)`. Returns `(batch, query_length, heads, head_dim)`, the
-    layout of transformers' attention functions. CPU SDPA runs its products through MKL's kernels.
-    """
-    batch_size, num_heads, num_queries, head_dim = query.shape
-    # Dense rows per head: the queries pre-scaled, the keys, the values transposed (the second product's weight).
-    scaled_query = (query * scale).contiguous()
-    key = key.contiguous()
-    value_columns = value.transpose(-1, -2).contiguous()
-    output = query.new_empty(batch_size, num_queries, num_heads, head_dim)
-    if additive_mask is not None:
-        additive_mask = additive_mask.expand(batch_size, num_heads, num_queries, key.shape[-2])
-    block_size = max(MIN_QUERIES_PER_BLOCK, ATTENTION_SCORES_PER_BLOCK // key.shape[-2])
-    for batch_index in range(batch_size):
-        for head in range(num_heads):
-            head_keys, head_value_columns = key[batch_index, head], value_columns[batch_index, head]
-            for start in range(0, num_queries, block_size):
-                block = slice(start, start + block_size)
-                scores = _onednn_linear(scaled_query[batch_index, head, block], head_keys, None)
-                if additive_mask is not None:
-                    scores += additive_mask[batch_index, head, block]
-                output[batch_index, block, head] = _onednn_linear(scores.softmax(dim=-1), head_value_columns, None)
-    return output

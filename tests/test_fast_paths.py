@@ -1,5 +1,5 @@
-"""Every speed-up equals the straightforward computation it replaces: the fused mask losses and attention with
-dropout (values and gradients), the chunked decoder without autograd, the shared text half of the query projection,
+"""Every speed-up equals the straightforward computation it replaces: the fused mask losses and blocked attention
+(values and gradients), the chunked decoder without autograd, the shared text half of the query projection,
 the image tower's QuickGELU and additive region mask, and the label maps assembled class by class without a canvas
 for one window."""
 
@@ -10,12 +10,12 @@ from transformers.activations import QuickGELUActivation
 
 from clip_rc import fused_ops, modeling_clip_rc
 from clip_rc.fused_ops import (
-    _AttentionWithDropout,
     _block_keep_mask,
+    _BlockedAttention,
     _mix64,
     _query_blocks,
     _random_words,
-    attention_with_dropout,
+    blocked_attention,
     upsampled_mask_losses,
 )
 from clip_rc.image_processing_clip_rc import CLIPRCImageProcessor
@@ -91,37 +91,56 @@ def test_mask_losses_compute_in_fp32_for_bf16_logits():
     assert logits.grad.dtype == torch.bfloat16
 
 
-# ---- attention with dropout ---------------------------------------------------------------------------------
+# ---- attention ----------------------------------------------------------------------------------------------------
 
 
 def replayed_keep_mask(query, num_keys, seed, dropout):
-    blocks = _query_blocks(query, num_keys)
-    shapes = [(*query.shape[:2], end - start, num_keys) for start, end in blocks]
-    return torch.cat([_block_keep_mask(seed, index, shape, dropout) for index, shape in enumerate(shapes)], dim=2)
+    """The keep masks of `_BlockedAttention`, (batch, heads, queries, keys): per head, then per block of queries."""
+    blocks = _query_blocks(query.shape[2], num_keys)
+    heads = [
+        torch.cat([_block_keep_mask(seed, head * len(blocks) + index, (rows.stop - rows.start, num_keys), dropout)
+                   for index, rows in enumerate(blocks)])
+        for head in range(query.shape[0] * query.shape[1])
+    ]  # fmt: skip
+    return torch.stack(heads).view(*query.shape[:3], num_keys)
 
 
-@pytest.mark.parametrize("elements_per_block", [2**30, 2 * 4 * 13 * 3])
+@pytest.mark.parametrize("scores_per_block", [2**30, 1])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_attention_with_dropout_equals_the_plain_attention_with_its_masks(monkeypatch, elements_per_block, dropout):
-    monkeypatch.setattr(fused_ops, "ATTENTION_ELEMENTS_PER_BLOCK", elements_per_block)
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_blocked_attention_equals_the_plain_attention_with_its_masks(
+    monkeypatch, scores_per_block, dropout, with_mask
+):
+    """One block per head, or blocks of 16 queries (three and a partial one); the additive mask broadcasts over
+    images and heads as the image tower's region mask does."""
+    monkeypatch.setattr(fused_ops, "ATTENTION_SCORES_PER_BLOCK", scores_per_block)
+    monkeypatch.setattr(fused_ops, "MIN_QUERIES_PER_BLOCK", 16)
     torch.manual_seed(0)
-    query = torch.randn(2, 4, 37, 8, dtype=torch.float64, requires_grad=True)
+    # Transposed views, as the projections give them.
+    query = torch.randn(2, 57, 4, 8, dtype=torch.float64).transpose(1, 2).requires_grad_()
     key = torch.randn(2, 4, 13, 8, dtype=torch.float64, requires_grad=True)
     value = torch.randn(2, 4, 13, 8, dtype=torch.float64, requires_grad=True)
-    grad_output = torch.randn(2, 4, 37, 8, dtype=torch.float64)
+    grad_output = torch.randn(2, 4, 57, 8, dtype=torch.float64)
+    mask = None
+    if with_mask:
+        allowed = torch.rand(57, 13) < 0.7
+        allowed[:, 0] = True
+        mask = torch.zeros(1, 1, 57, 13, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
 
-    output = _AttentionWithDropout.apply(query, key, value, dropout, 0.35, 1234)
+    output = _BlockedAttention.apply(query, key, value, mask, dropout, 0.35, 1234)
     gradients = torch.autograd.grad(output, (query, key, value), grad_output)
     keep = replayed_keep_mask(query, 13, 1234, dropout)
-    probabilities = ((query @ key.transpose(-1, -2)) * 0.35).softmax(dim=-1)
-    expected = (probabilities * keep / (1 - dropout)) @ value
+    scores = (query @ key.transpose(-1, -2)) * 0.35 + (0 if mask is None else mask)
+    expected = (scores.softmax(dim=-1) * keep / (1 - dropout)) @ value
     expected_gradients = torch.autograd.grad(expected, (query, key, value), grad_output)
 
+    assert output.shape == (2, 4, 57, 8) and output.transpose(1, 2).is_contiguous()
     torch.testing.assert_close(output, expected, rtol=1e-12, atol=1e-12)
     for gradient, expected_gradient in zip(gradients, expected_gradients):
         torch.testing.assert_close(gradient, expected_gradient, rtol=1e-12, atol=1e-12)
     if dropout == 0:
-        torch.testing.assert_close(output, F.scaled_dot_product_attention(query, key, value, scale=0.35))
+        sdpa = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.35)
+        torch.testing.assert_close(output, sdpa)
 
 
 def test_attention_dropout_drops_at_its_rate_and_replays_from_the_seed():
@@ -138,11 +157,11 @@ def test_attention_dropout_drops_at_its_rate_and_replays_from_the_seed():
     # The seed comes from the default generator: the same seed state gives the same dropout.
     query, key = torch.randn(1, 2, 20, 4), torch.randn(1, 2, 9, 4)
     torch.manual_seed(3)
-    first = attention_with_dropout(query, key, key, 0.5, 0.5)
+    first = blocked_attention(query, key, key, 0.5, dropout=0.5)
     torch.manual_seed(3)
-    assert torch.equal(first, attention_with_dropout(query, key, key, 0.5, 0.5))
+    assert torch.equal(first, blocked_attention(query, key, key, 0.5, dropout=0.5))
     with pytest.raises(ValueError, match="dropout"):
-        attention_with_dropout(query, key, key, 1.0, 0.5)
+        blocked_attention(query, key, key, 0.5, dropout=1.0)
 
 
 def test_training_step_on_cpu_keeps_no_attention_map():

@@ -1,12 +1,12 @@
 """The linear layers' oneDNN kernel (`clip_rc.onednn`): equal to `F.linear` (values and gradients), taken only where
-it applies, used by every linear layer of the model, and counted by the FLOP counter."""
+it applies, used by every linear layer of the model and by the blocked attention, and counted by the FLOP counter."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_rc import onednn
+from clip_rc import fused_ops, onednn
 from clip_rc.modeling_clip_rc import CLIPRCLinear
 from clip_rc.profiling import count_flops
 
@@ -97,48 +97,63 @@ def test_the_default_kernel_runs_where_onednn_does_not_apply(onednn_calls, monke
 
 @pytest.mark.parametrize(("num_queries", "num_keys"), [(5, 7), (150, 40), (70, 3000)])
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_attention_equals_sdpa(onednn_calls, monkeypatch, num_queries, num_keys, with_mask):
-    """Per head and block of queries (blocks of 64 rows here: several blocks and a partial last one), with an
-    additive mask that broadcasts over images and heads as the image tower's region mask does."""
-    monkeypatch.setattr(onednn, "ATTENTION_SCORES_PER_BLOCK", 1)
+def test_blocked_attention_equals_sdpa_through_onednn(onednn_calls, monkeypatch, num_queries, num_keys, with_mask):
+    """fp32 through oneDNN's products, per head and block of queries (blocks of 64 rows here: several blocks and a
+    partial last one), with an additive mask that broadcasts over images and heads as the image tower's region mask
+    does; values and gradients."""
+    monkeypatch.setattr(fused_ops, "ATTENTION_SCORES_PER_BLOCK", 1)
     torch.manual_seed(0)
-    # Transposed views, as the projections give them.
-    query = torch.randn(2, num_queries, 3, 16).transpose(1, 2)
-    key, value = (torch.randn(2, num_keys, 3, 16).transpose(1, 2) for _ in range(2))
+    query = torch.randn(2, num_queries, 3, 16).transpose(1, 2).requires_grad_()
+    key, value = (torch.randn(2, num_keys, 3, 16).transpose(1, 2).requires_grad_() for _ in range(2))
+    grad_output = torch.randn(2, 3, num_queries, 16)
     mask = None
     if with_mask:
         allowed = torch.rand(num_queries, num_keys) < 0.7
         allowed[:, 0] = True
         mask = torch.zeros(1, 1, num_queries, num_keys).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    attended = onednn.attention(query, key, value, scale=0.3, additive_mask=mask)
-    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.3).transpose(1, 2)
-    assert attended.shape == (2, num_queries, 3, 16)
+    attended = fused_ops.blocked_attention(query, key, value, scale=0.3, additive_mask=mask)
+    blocks = -(-num_queries // fused_ops.MIN_QUERIES_PER_BLOCK)
+    assert len(onednn_calls) == 2 * 3 * blocks * 2  # two products per (image, head, block)
+    gradients = torch.autograd.grad(attended, (query, key, value), grad_output)
+    assert len(onednn_calls) == 2 * 3 * blocks * 5  # and three more for the gradients
+
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.3)
+    expected_gradients = torch.autograd.grad(expected, (query, key, value), grad_output)
     torch.testing.assert_close(attended, expected, rtol=1e-5, atol=1e-6)
-    blocks = -(-num_queries // onednn.MIN_QUERIES_PER_BLOCK)
-    assert len(onednn_calls) == 2 * 2 * 3 * blocks  # two products per (image, head, block)
+    for gradient, expected_gradient in zip(gradients, expected_gradients):
+        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-5, atol=1e-5)
 
 
-def test_the_image_tower_and_the_decoder_attend_through_onednn_only_without_autograd(onednn_calls):
+@pytest.mark.parametrize("onednn_faster", [True, False])
+def test_attention_modules_use_blocked_attention_where_onednn_is_faster_or_for_cpu_dropout(
+    onednn_calls, monkeypatch, onednn_faster
+):
+    """With oneDNN faster, the image tower's and the decode head's attention go through `blocked_attention` in
+    inference and training; without, only the decode head's training attention does (its dropout)."""
+    if not onednn_faster:
+        monkeypatch.setattr(onednn, "MIN_ONEDNN_SPEEDUP", float("inf"))
     model = tiny_model()
-    pixel_values = torch.randn(1, 3, 64, 64)
+    assert model.config.decoder_attention_dropout > 0
+    pixel_values, labels = torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.long)
     attention_calls = []
-    attention = onednn.attention
+    attention = fused_ops.blocked_attention
 
     def recorded(*args, **kwargs):
         attention_calls.append(args[0].shape)
         return attention(*args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("clip_rc.modeling_clip_rc.onednn_attention", recorded)
-        with torch.no_grad():
-            model.eval()(pixel_values=pixel_values)
-        # The image tower's layers, then the decode head's query and pixel layers.
-        tower_layers = model.config.vision_config.num_hidden_layers
-        assert len(attention_calls) == tower_layers + 2 * model.config.decoder_num_layers
-        attention_calls.clear()
-        model.eval()(pixel_values=pixel_values)  # the head's weights want gradients
-        model.train()(pixel_values=pixel_values, labels=torch.zeros(1, 64, 64, dtype=torch.long))
-        assert attention_calls == []
+    monkeypatch.setattr("clip_rc.modeling_clip_rc.blocked_attention", recorded)
+    tower_layers = model.config.vision_config.num_hidden_layers
+    # The decode head's query and pixel layers, the recovery decoder's in training.
+    head_layers = 2 * model.config.decoder_num_layers
+    recovery_layers = 2 * model.config.recovery_num_layers
+    with torch.no_grad():
+        model.eval()(pixel_values=pixel_values)
+    assert len(attention_calls) == (tower_layers + head_layers if onednn_faster else 0)
+    attention_calls.clear()
+    model.train()(pixel_values=pixel_values, labels=labels).loss.backward()
+    expected = tower_layers + head_layers + recovery_layers if onednn_faster else head_layers + recovery_layers
+    assert len(attention_calls) == expected
 
 
 def test_every_linear_layer_of_the_model_uses_the_kernel_and_keeps_its_weight_names():
