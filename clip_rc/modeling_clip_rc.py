@@ -177,7 +177,7 @@ def uses_blocked_attention(attention: nn.Module, *tensors: torch.Tensor | None) 
         attention.training
         and attention.dropout > 0
         and torch.is_grad_enabled()
-        and all(tensor is None or tensor.device.type == "cpu" for tensor in tensors)
+        and all(tensor is None or (tensor.device.type == "cpu" and tensor.is_floating_point()) for tensor in tensors)
     )
 
 

@@ -156,6 +156,26 @@ def test_attention_modules_use_blocked_attention_where_onednn_is_faster_or_for_c
     assert len(attention_calls) == expected
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_cpu_training_with_attention_dropout_takes_blocked_attention_with_an_additive_mask_only(
+    monkeypatch, mask_dtype
+):
+    """Without oneDNN, dropout alone sends CPU training through `blocked_attention`, which adds its mask: a boolean
+    mask stays with SDPA."""
+    monkeypatch.setattr(onednn, "MIN_ONEDNN_SPEEDUP", float("inf"))
+    attention = tiny_model().clip_rc.vision_model.encoder.layers[0].self_attn.train()
+    attention.dropout = 0.1
+    calls = []
+    monkeypatch.setattr(
+        "clip_rc.modeling_clip_rc.blocked_attention", lambda *args, **kwargs: calls.append(args) or args[0]
+    )
+    hidden_states = torch.randn(1, 5, attention.embed_dim, requires_grad=True)
+    allowed = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+    mask = allowed if mask_dtype == torch.bool else torch.zeros(1, 1, 5, 5)
+    attention(hidden_states, mask)
+    assert len(calls) == (0 if mask_dtype == torch.bool else 1)
+
+
 def test_every_linear_layer_of_the_model_uses_the_kernel_and_keeps_its_weight_names():
     model = tiny_model()
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
