@@ -164,9 +164,10 @@ def test_attention_dropout_drops_at_its_rate_and_replays_from_the_seed():
         blocked_attention(query, key, key, 0.5, dropout=1.0)
 
 
-def test_training_step_on_cpu_keeps_no_attention_map():
+def test_training_step_on_cpu_keeps_no_attention_map(monkeypatch):
     """The decoder's attention with dropout goes through the block-wise function: the step keeps none of the
     (heads, queries, keys) probability maps, and still trains (finite, non-zero decoder gradients)."""
+    monkeypatch.setattr(modeling_clip_rc, "MIN_BLOCKED_ATTENTION_SCORES", 0)  # the tiny model's maps count
     config = tiny_config(
         decoder_attention_dropout=0.1, id2label={i: f"class {i}" for i in range(12)}, seen_class_ids=None
     )

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_rc import fused_ops, onednn
+from clip_rc import fused_ops, modeling_clip_rc, onednn
 from clip_rc.modeling_clip_rc import CLIPRCLinear
 from clip_rc.profiling import count_flops
 
@@ -132,6 +132,7 @@ def test_attention_modules_use_blocked_attention_where_onednn_is_faster_or_for_c
     inference and training; without, only the decode head's training attention does (its dropout)."""
     if not onednn_faster:
         monkeypatch.setattr(onednn, "MIN_ONEDNN_SPEEDUP", float("inf"))
+    monkeypatch.setattr(modeling_clip_rc, "MIN_BLOCKED_ATTENTION_SCORES", 0)  # the tiny model's maps count
     model = tiny_model()
     assert model.config.decoder_attention_dropout > 0
     pixel_values, labels = torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.long)
@@ -163,6 +164,7 @@ def test_cpu_training_with_attention_dropout_takes_blocked_attention_with_an_add
     """Without oneDNN, dropout alone sends CPU training through `blocked_attention`, which adds its mask: a boolean
     mask stays with SDPA."""
     monkeypatch.setattr(onednn, "MIN_ONEDNN_SPEEDUP", float("inf"))
+    monkeypatch.setattr(modeling_clip_rc, "MIN_BLOCKED_ATTENTION_SCORES", 0)
     attention = tiny_model().clip_rc.vision_model.encoder.layers[0].self_attn.train()
     attention.dropout = 0.1
     calls = []
@@ -174,6 +176,23 @@ def test_cpu_training_with_attention_dropout_takes_blocked_attention_with_an_add
     mask = allowed if mask_dtype == torch.bool else torch.zeros(1, 1, 5, 5)
     attention(hidden_states, mask)
     assert len(calls) == (0 if mask_dtype == torch.bool else 1)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_small_attention_maps_stay_with_sdpa(onednn_calls, monkeypatch, dropout):
+    """Below `MIN_BLOCKED_ATTENTION_SCORES` per head, SDPA's batched kernel is the faster one, in inference and in
+    training with dropout: a 5-token self-attention goes to SDPA, a 9-token one (81 scores) with the bound at 81 to
+    `blocked_attention`."""
+    monkeypatch.setattr(modeling_clip_rc, "MIN_BLOCKED_ATTENTION_SCORES", 81)
+    attention = tiny_model().clip_rc.vision_model.encoder.layers[0].self_attn.train()
+    attention.dropout = dropout
+    calls = []
+    monkeypatch.setattr(
+        "clip_rc.modeling_clip_rc.blocked_attention", lambda *args, **kwargs: calls.append(args) or args[0]
+    )
+    for num_tokens, expected_calls in ((5, 0), (9, 1)):
+        attention(torch.randn(1, num_tokens, attention.embed_dim, requires_grad=True))
+        assert len(calls) == expected_calls
 
 
 def test_every_linear_layer_of_the_model_uses_the_kernel_and_keeps_its_weight_names():
