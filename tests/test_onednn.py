@@ -206,7 +206,9 @@ def test_every_linear_layer_of_the_model_uses_the_kernel_and_keeps_its_weight_na
 
 
 def test_the_model_gives_the_default_kernels_results_and_gradients(monkeypatch):
-    """A training step (losses and every gradient) and the inference logits, oneDNN forced on against forced off."""
+    """A training step (losses and every gradient) and the inference logits, oneDNN forced on (the blocked attention
+    too) against forced off."""
+    monkeypatch.setattr(modeling_clip_rc, "MIN_BLOCKED_ATTENTION_SCORES", 0)
     model = tiny_model(without_dropout(setting="transductive"))
     pixel_values = torch.randn(2, 3, 64, 64)
     labels = torch.randint(0, 3, (2, 64, 64))
@@ -242,18 +244,25 @@ def test_flops_are_counted_like_f_linear_and_without_the_kernel_timing(onednn_ca
     assert onednn_calls
 
 
-def test_inference_flops_are_the_same_through_onednn_and_the_default_kernels(onednn_calls, monkeypatch):
-    model = tiny_model().eval()
-    pixel_values = torch.randn(1, 3, 64, 64)
+def test_flops_are_the_same_through_onednn_and_the_default_kernels(onednn_calls, monkeypatch):
+    """Inference and a training step: the blocked attention's products count what SDPA's formulas count (the
+    backward pass's recomputed scores included)."""
+    monkeypatch.setattr(modeling_clip_rc, "MIN_BLOCKED_ATTENTION_SCORES", 0)
+    model = tiny_model(without_dropout())
+    pixel_values, labels = torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.long)
 
     def inference():
         with torch.no_grad():
-            model(pixel_values=pixel_values)
+            model.eval()(pixel_values=pixel_values)
 
-    through_onednn = count_flops(inference)
+    def training_step():
+        model.train()(pixel_values=pixel_values, labels=labels).loss.backward()
+
+    through_onednn = count_flops(inference), count_flops(training_step)
     assert onednn_calls
     monkeypatch.setattr(onednn, "MIN_ONEDNN_SPEEDUP", float("inf"))
-    assert through_onednn == count_flops(inference) > 0
+    assert through_onednn == (count_flops(inference), count_flops(training_step))
+    assert 0 < through_onednn[0] < through_onednn[1]
 
 
 def test_the_speedup_is_measured_once_per_thread_count():
