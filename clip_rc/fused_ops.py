@@ -10,8 +10,8 @@ with a hand-written backward pass that recomputes its large intermediates chunk 
   reference's decoder trains), per head and block of queries, recomputed in the backward pass (as flash attention
   does), the dropout masks drawn from a counter-based generator so that the backward pass replays them. CPU SDPA
   does dropout only by materialising the (heads, queries, keys) maps, and runs its products through MKL's kernels;
-  here every product reads dense rows, the layout of [`~onednn.linear`]'s oneDNN kernel (2-3x MKL's rate on AMD's
-  Zen 5). Inference takes the same forward pass.
+  here the products read dense rows, the layout of [`~onednn.linear`]'s oneDNN kernel (2-3x MKL's rate on AMD's
+  Zen 5), all but the keys' and values' gradients. Inference takes the same forward pass.
 - [`fast_dropout`]: dropout with the same fast, replayable masks (the decoder's activations).
 """
 
@@ -249,8 +249,9 @@ def _block_probabilities(scaled_query_rows, keys, mask_rows) -> torch.Tensor:
 
 
 class _BlockedAttention(torch.autograd.Function):
-    # Per head and block of queries: the block's scores stay in the processor's cache, and every product reads dense
-    # rows, the layout oneDNN's kernel needs (`linear`). The dropout's 1 / (1 - p) scale is applied to the small
+    # Per head and block of queries: the block's scores stay in the processor's cache, and the products read dense
+    # rows, the layout oneDNN's kernel needs (`linear`), except the keys' and values' gradients, which reduce over
+    # the block's queries (`torch.mm` of the transposed block). The dropout's 1 / (1 - p) scale is applied to the small
     # operands (values, output gradients), the softmax scale to the queries (and to the keys for the queries'
     # gradient). The backward pass runs under the forward pass's autocast state (CPU only: the function serves CPU
     # attention).
