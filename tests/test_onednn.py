@@ -157,6 +157,18 @@ def test_attention_modules_use_blocked_attention_where_onednn_is_faster_or_for_c
     assert len(attention_calls) == expected
 
 
+def training_tower_attention(monkeypatch, dropout: float):
+    """A tiny image-tower attention module in training with `dropout`, and the list of its `blocked_attention`
+    calls (recorded, not run: the queries come back as the attended states)."""
+    attention = tiny_model().clip_rc.vision_model.encoder.layers[0].self_attn.train()
+    attention.dropout = dropout
+    calls = []
+    monkeypatch.setattr(
+        "clip_rc.modeling_clip_rc.blocked_attention", lambda *args, **kwargs: calls.append(args) or args[0]
+    )
+    return attention, calls
+
+
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
 def test_cpu_training_with_attention_dropout_takes_blocked_attention_with_an_additive_mask_only(
     monkeypatch, mask_dtype
@@ -165,12 +177,7 @@ def test_cpu_training_with_attention_dropout_takes_blocked_attention_with_an_add
     mask stays with SDPA."""
     monkeypatch.setattr(onednn, "MIN_ONEDNN_SPEEDUP", float("inf"))
     monkeypatch.setattr(modeling_clip_rc, "MIN_BLOCKED_ATTENTION_SCORES", 0)
-    attention = tiny_model().clip_rc.vision_model.encoder.layers[0].self_attn.train()
-    attention.dropout = 0.1
-    calls = []
-    monkeypatch.setattr(
-        "clip_rc.modeling_clip_rc.blocked_attention", lambda *args, **kwargs: calls.append(args) or args[0]
-    )
+    attention, calls = training_tower_attention(monkeypatch, dropout=0.1)
     hidden_states = torch.randn(1, 5, attention.embed_dim, requires_grad=True)
     allowed = torch.ones(1, 1, 5, 5, dtype=torch.bool)
     mask = allowed if mask_dtype == torch.bool else torch.zeros(1, 1, 5, 5)
@@ -184,12 +191,7 @@ def test_small_attention_maps_stay_with_sdpa(onednn_calls, monkeypatch, dropout)
     training with dropout: a 5-token self-attention goes to SDPA, a 9-token one (81 scores) with the bound at 81 to
     `blocked_attention`."""
     monkeypatch.setattr(modeling_clip_rc, "MIN_BLOCKED_ATTENTION_SCORES", 81)
-    attention = tiny_model().clip_rc.vision_model.encoder.layers[0].self_attn.train()
-    attention.dropout = dropout
-    calls = []
-    monkeypatch.setattr(
-        "clip_rc.modeling_clip_rc.blocked_attention", lambda *args, **kwargs: calls.append(args) or args[0]
-    )
+    attention, calls = training_tower_attention(monkeypatch, dropout)
     for num_tokens, expected_calls in ((5, 0), (9, 1)):
         attention(torch.randn(1, num_tokens, attention.embed_dim, requires_grad=True))
         assert len(calls) == expected_calls
