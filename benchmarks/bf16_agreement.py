@@ -2,9 +2,10 @@
 
 The preset's model with random weights and `--num_classes` random class embeddings (no download) labels `--crops`
 random 512 x 512 crops through the one inference path (model, then the image processor's post-processing) in fp32,
-then under bf16 autocast with the whole model in bf16 and with the decode head kept in fp32. It prints, per variant,
-the share of pixels whose label equals fp32's and the seconds per crop. The share depends on the random model
-(`--seed`): its logits are large, and most pixels' labels are ties of saturated sigmoids (see the README).
+then with bf16 autocast over the whole model, over all but the decode head, and over the image tower's feed-forward
+layers only. It prints, per variant, the share of pixels whose label equals fp32's, the logits' error (standard
+deviation of the difference from fp32's logits over that of fp32's logits) and the seconds per crop. The share depends
+on the random model (`--seed`): its logits are large, and labels turn on small differences (see the README).
 
     python benchmarks/bf16_agreement.py --preset coco-stuff-inductive --num_classes 171 --crops 3 --threads 2
 """
@@ -17,7 +18,6 @@ from collections.abc import Iterator
 
 import torch
 
-from clip_rc import CLIPRCForSemanticSegmentation
 from clip_rc.image_processing_clip_rc import CLIPRCImageProcessor
 from clip_rc.precision import autocast
 from clip_rc.profiling import random_preset_model
@@ -36,34 +36,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def decode_head_in_fp32(model: CLIPRCForSemanticSegmentation) -> Iterator[None]:
-    """Within the block, the decode head runs without autocast (it casts the tower's features to its fp32 weights)."""
-    head_forward = model.decode_head.forward
+def forwards_under_autocast(modules: list[torch.nn.Module], enabled: bool) -> Iterator[None]:
+    """Within the block, each module's forward runs with bf16 autocast on (`enabled`) or off, its tensor output cast to
+    fp32 (the model's modules around it run in fp32 when autocast is off)."""
+    for module in modules:
 
-    def forward_in_fp32(*args, **kwargs):
-        with torch.autocast("cpu", enabled=False):
-            return head_forward(*args, **kwargs)
+        def forward(*args, _forward=module.forward, **kwargs):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                outputs = _forward(*args, **kwargs)
+            return outputs.float() if isinstance(outputs, torch.Tensor) else outputs
 
-    model.decode_head.forward = forward_in_fp32
+        module.forward = forward
     try:
         yield
     finally:
-        del model.decode_head.forward
+        for module in modules:
+            del module.forward
 
 
-def label_maps(model, processor, crops: list[torch.Tensor], dtype: str) -> tuple[torch.Tensor, float]:
-    """The label maps of `crops` and the seconds per crop."""
-    labels, start = [], time.perf_counter()
+def label_maps(model, processor, crops: list[torch.Tensor], dtype: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The label maps and logits of `crops` and the seconds per crop."""
+    labels, logits, start = [], [], time.perf_counter()
     with torch.no_grad():
         for crop in crops:
             with autocast(dtype):
                 outputs = model(pixel_values=crop)
             labels.append(processor.post_process_semantic_segmentation(outputs)[0])
-    return torch.stack(labels), (time.perf_counter() - start) / len(crops)
+            logits.append(outputs.logits.float())
+    return torch.stack(labels), torch.cat(logits), (time.perf_counter() - start) / len(crops)
 
 
-def measure(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
-    """`{variant: (agreement with fp32 in [0, 1], seconds per crop)}`, fp32 itself included."""
+def measure(args: argparse.Namespace) -> dict[str, tuple[float, float, float]]:
+    """`{variant: (agreement with fp32 in [0, 1], relative logit error, seconds per crop)}`, fp32 itself included."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = random_preset_model(args.preset, num_classes=args.num_classes, tiny=args.tiny).eval()
@@ -71,25 +75,34 @@ def measure(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     crop_size = processor.crop_size["height"]
     generator = torch.Generator().manual_seed(args.seed)
     crops = [torch.randn(1, 3, crop_size, crop_size, generator=generator) for _ in range(args.crops)]
-    expected, fp32_seconds = label_maps(model, processor, crops, "fp32")
-    results = {"fp32": (1.0, fp32_seconds)}
-    variants = {"bf16": contextlib.nullcontext, "bf16, decode head fp32": lambda: decode_head_in_fp32(model)}
-    for variant, context in variants.items():
-        with context():
-            labels, seconds = label_maps(model, processor, crops, "bf16")
-        results[variant] = ((labels == expected).float().mean().item(), seconds)
+    expected, expected_logits, fp32_seconds = label_maps(model, processor, crops, "fp32")
+    results = {"fp32": (1.0, 0.0, fp32_seconds)}
+    feed_forward_layers = [layer.mlp for layer in model.clip_rc.vision_model.encoder.layers]
+    variants = {
+        "bf16": ("bf16", contextlib.nullcontext()),
+        "bf16, decode head fp32": ("bf16", forwards_under_autocast([model.decode_head], enabled=False)),
+        "bf16 tower feed-forward layers only": ("fp32", forwards_under_autocast(feed_forward_layers, enabled=True)),
+    }
+    for variant, (dtype, context) in variants.items():
+        with context:
+            labels, logits, seconds = label_maps(model, processor, crops, dtype)
+        error = ((logits - expected_logits).std() / expected_logits.std()).item()
+        results[variant] = ((labels == expected).float().mean().item(), error, seconds)
     return results
 
 
-def report(args: argparse.Namespace, results: dict[str, tuple[float, float]]) -> str:
+def report(args: argparse.Namespace, results: dict[str, tuple[float, float, float]]) -> str:
     """What was measured, then a Markdown table of the variants."""
     classes = args.num_classes or "the preset's"
     lines = [
         f"{args.preset}, {classes} classes, {args.crops} crops, seed {args.seed}, {args.threads} threads",
-        "| variant | pixels equal to fp32 | s / crop |",
-        "|---|---|---|",
+        "| variant | pixels equal to fp32 | logit error | s / crop |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {variant} | {agreement:.2%} | {seconds:.2f} |" for variant, (agreement, seconds) in results.items()]
+    lines += [
+        f"| {variant} | {agreement:.2%} | {error:.2%} | {seconds:.2f} |"
+        for variant, (agreement, error, seconds) in results.items()
+    ]
     return "\n".join(lines)
 
 

@@ -113,32 +113,93 @@ def test_the_shared_side_by_side_harness_runs_our_side(case):
 BF16_AGREEMENT = Path(__file__).resolve().parents[1] / "benchmarks" / "bf16_agreement.py"
 
 
+def _benchmark_module(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table_rows(output: str) -> dict[str, list[str]]:
+    """`{first cell: other cells}` of the Markdown table rows of a benchmark's output (header rows left out)."""
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in output.splitlines() if line.startswith("| ")]
+    return {row[0]: row[1:] for row in rows if row[0] != "variant"}
+
+
 def test_bf16_agreement_script_reports_each_variant_against_fp32():
-    """`benchmarks/bf16_agreement.py` (the README's Precision figures) on a tiny model: fp32 agrees with itself and
-    each bf16 variant with a share of the pixels."""
+    """`benchmarks/bf16_agreement.py` (the README's Precision figures) on a tiny model: fp32 agrees with itself with
+    no logit error, each bf16 variant with a share of the pixels and a logit error above zero."""
     command = [sys.executable, str(BF16_AGREEMENT), "--tiny", "--crops", "2", "--threads", "1"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    rows = [line.split("|")[1:3] for line in completed.stdout.splitlines() if line.startswith("| ") and "%" in line]
-    agreement = {variant.strip(): float(share.strip().rstrip("%")) for variant, share in rows}
-    assert set(agreement) == {"fp32", "bf16", "bf16, decode head fp32"} and agreement["fp32"] == 100.0
-    assert all(90.0 <= share <= 100.0 for share in agreement.values())
+    rows = {
+        variant: [float(cell.rstrip("%")) for cell in cells]
+        for variant, cells in _table_rows(completed.stdout).items()
+    }
+    assert set(rows) == {"fp32", "bf16", "bf16, decode head fp32", "bf16 tower feed-forward layers only"}
+    assert rows["fp32"][:2] == [100.0, 0.0]
+    for agreement, error, seconds in rows.values():
+        assert 90.0 <= agreement <= 100.0 and 0.0 <= error < 5.0 and seconds >= 0.0
+    assert all(rows[variant][1] > 0.0 for variant in rows if variant != "fp32")
 
 
-def test_decode_head_in_fp32_runs_the_head_without_autocast_and_restores_it():
-    spec = importlib.util.spec_from_file_location("bf16_agreement", BF16_AGREEMENT)
-    bf16_agreement = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bf16_agreement)
-    decode_head_in_fp32 = bf16_agreement.decode_head_in_fp32
+def test_forwards_under_autocast_switches_autocast_per_module_and_restores_them():
+    forwards_under_autocast = _benchmark_module(BF16_AGREEMENT).forwards_under_autocast
     model = random_preset_model("voc-inductive", tiny=True).eval()
     pixel_values = torch.randn(1, 3, 64, 64)
+    feed_forward_layers = [layer.mlp for layer in model.clip_rc.vision_model.encoder.layers]
     with torch.no_grad():
         features = model.clip_rc(pixel_values)
         expected = model.decode_head(features, model.class_embeddings).logits
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16_logits = model.decode_head(features, model.class_embeddings).logits
-            with decode_head_in_fp32(model):
+            with forwards_under_autocast([model.decode_head], enabled=False):
                 logits = model.decode_head(features, model.class_embeddings).logits
+        hidden_states = torch.randn(1, 5, model.config.vision_config.hidden_size)
+        fp32_feed_forward = feed_forward_layers[0](hidden_states)
+        with forwards_under_autocast(feed_forward_layers, enabled=True):
+            bf16_feed_forward = feed_forward_layers[0](hidden_states)
     assert "forward" not in vars(model.decode_head)
+    assert all("forward" not in vars(layer) for layer in feed_forward_layers)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(bf16_logits, expected, rtol=1e-5, atol=1e-5)
+    assert bf16_feed_forward.dtype == torch.float32
+    assert not torch.equal(bf16_feed_forward, fp32_feed_forward)
+    torch.testing.assert_close(bf16_feed_forward, fp32_feed_forward, rtol=0.05, atol=0.05)
+
+
+ATTENTION_KERNELS = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_kernels.py"
+
+
+def test_attention_kernels_script_times_each_kernel_and_bounds_a_tower_layer():
+    """`benchmarks/attention_kernels.py` (the README's Performance figures) on an 8 x 8 patch grid: every kernel's
+    output equals SDPA's, every variant has a time, the rates lie below the measured peak."""
+    command = [sys.executable, str(ATTENTION_KERNELS), "--grid_size", "8", "--repeats", "1", "--threads", "1"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    rows = _table_rows(completed.stdout)
+    assert list(rows) == [
+        "blocked attention", "SDPA", "blocked: its two products only", "blocked: its masked softmax only",
+        "the layer's six linear products",
+    ]  # fmt: skip
+    assert completed.stdout.splitlines()[0].startswith("91 tokens, 12 heads of 64, 1 threads")
+    assert all(float(cells[0]) > 0 for cells in rows.values())
+    assert float(rows["blocked attention"][3]) < 1e-5 and float(rows["SDPA"][3]) == 0.0
+    assert rows["blocked: its masked softmax only"][1:] == ["", "", ""]
+    assert all(cells[1] and float(cells[2].rstrip("%")) > 0 for name, cells in rows.items() if "softmax" not in name)
+    assert "a tower layer at best" in completed.stdout.splitlines()[-1]
+
+
+def test_attention_kernels_parts_compute_the_kernels_products():
+    """The products-only variant multiplies what the blocked kernel multiplies: its blocks, recombined with a
+    softmax, give SDPA's output."""
+    attention_kernels = _benchmark_module(ATTENTION_KERNELS)
+    inputs = attention_kernels.attention_inputs("voc-inductive", grid_size=8)
+    query, key, value, mask = inputs["query"], inputs["key"], inputs["value"], inputs["mask"]
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)[0]
+    rows = [
+        (scaled_query @ keys.t() + mask_rows).softmax(-1) @ value_columns.t()
+        for scaled_query, keys, value_columns, mask_rows in attention_kernels._blocks_of(inputs)
+    ]
+    torch.testing.assert_close(torch.cat(rows).view(expected.shape), expected, rtol=1e-5, atol=1e-5)
+    assert inputs["mask"].shape == (91, 91) and [w.shape for w in inputs["weights"]][-2:] == [(3072, 768), (768, 3072)]
