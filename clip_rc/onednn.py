@@ -93,10 +93,10 @@ def applies(*tensors: torch.Tensor | None) -> bool:
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """`rows @ weight.T + bias` for 2-D `rows` through oneDNN, forward and gradients. The kernel reads dense rows of
-    both operands: the input gradient takes the weight transposed, and the weight gradient, a reduction over the rows,
-    both operands transposed (copies that cost less than MKL's product with transposed operands: 1.2-1.8x its rate at
-    the decoder's shapes on an AMD Zen 5)."""
+    """`rows @ weight.T + bias` for 2-D `rows` through oneDNN, forward and gradients. The input gradient takes the
+    weight transposed, and the weight gradient, a reduction over the rows, both operands transposed: as views, which
+    oneDNN reorders itself, faster than transposed copies (the same gradients, bitwise on an AMD Zen 5; the training
+    step ~3 % faster) and 1.2-1.8x MKL's product with transposed operands at the decoder's shapes."""
 
     @staticmethod
     def forward(ctx, rows, weight, bias):
@@ -106,11 +106,13 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_outputs):
         rows, weight = ctx.saved_tensors
+        # Dense operands and views of them only: other strides would take oneDNN's slow path.
+        grad_outputs = grad_outputs.contiguous()
         grad_rows = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_rows = _onednn_linear(grad_outputs, weight.t().contiguous(), None)
+            grad_rows = _onednn_linear(grad_outputs, weight.t(), None)
         if ctx.needs_input_grad[1]:
-            grad_weight = _onednn_linear(grad_outputs.t().contiguous(), rows.t().contiguous(), None)
+            grad_weight = _onednn_linear(grad_outputs.t(), rows.t(), None)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_outputs.sum(0)
         return grad_rows, grad_weight, grad_bias

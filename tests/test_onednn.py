@@ -55,6 +55,24 @@ def test_linear_equals_f_linear_with_its_gradients(onednn_calls, input_shape, wi
         torch.testing.assert_close(gradient, expected_gradient, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("upstream_layout", ["dense", "transposed view"])
+def test_the_gradients_read_transposed_operands_and_any_upstream_layout(onednn_calls, upstream_layout):
+    """The backward pass hands oneDNN transposed views of the rows, the weight and the upstream gradient (made dense
+    first when it arrives as a strided view): the same gradients as the default kernel's."""
+    torch.manual_seed(0)
+    rows = torch.randn(37, 24, requires_grad=True)
+    weight = torch.randn(40, 24, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True)
+    upstream = torch.randn(37, 40) if upstream_layout == "dense" else torch.randn(40, 37).t()
+    outputs = onednn._OneDNNLinear.apply(rows, weight, bias)
+    gradients = torch.autograd.grad(outputs, [rows, weight, bias], upstream)
+    expected = torch.autograd.grad(F.linear(rows, weight, bias), [rows, weight, bias], upstream)
+    assert len(onednn_calls) == 3
+    for gradient, expected_gradient in zip(gradients, expected):
+        assert gradient.is_contiguous()
+        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-5, atol=1e-5)
+
+
 def test_outputs_can_be_modified_in_place_under_autograd(onednn_calls):
     inputs = torch.randn(2, 5, 8, requires_grad=True)
     weight = torch.randn(6, 8)
