@@ -81,7 +81,10 @@ def measure(args: argparse.Namespace) -> dict[str, tuple[float, float, float]]:
     variants = {
         "bf16": ("bf16", contextlib.nullcontext()),
         "bf16, decode head fp32": ("bf16", forwards_under_autocast([model.decode_head], enabled=False)),
-        "bf16 tower feed-forward layers only": ("fp32", forwards_under_autocast(feed_forward_layers, enabled=True)),
+        "bf16 in the tower's feed-forward layers only": (
+            "fp32",
+            forwards_under_autocast(feed_forward_layers, enabled=True),
+        ),
     }
     for variant, (dtype, context) in variants.items():
         with context:
