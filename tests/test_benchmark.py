@@ -13,6 +13,10 @@ import torch
 from clip_rc.commands.speed import _case_step, run_benchmark
 from clip_rc.profiling import count_flops, random_preset_model
 
+from .colour_block_data import make_segmentation_dataset
+from .random_clip import save_random_clip
+from .test_evaluation import save_model_folder
+
 
 @pytest.mark.slow
 def test_benchmark_writes_a_report(tmp_path, capsys):
@@ -141,6 +145,25 @@ def test_bf16_agreement_script_reports_each_variant_against_fp32():
     for agreement, error, seconds in rows.values():
         assert 90.0 <= agreement <= 100.0 and 0.0 <= error < 5.0 and seconds >= 0.0
     assert all(rows[variant][1] > 0.0 for variant in rows if variant != "fp32")
+
+
+def test_bf16_agreement_script_labels_a_saved_models_dataset_images(tmp_path):
+    """With `--model` and `--dataset`, the script labels the split's first `--images` images with a saved model and its
+    processor; either option alone is refused."""
+    model_dir = save_model_folder(tmp_path / "model", save_random_clip(tmp_path / "clip"))
+    dataset_dir = make_segmentation_dataset(tmp_path / "data", num_train=1, num_validation=3, size=(40, 56))
+    command = [sys.executable, str(BF16_AGREEMENT), "--model", str(model_dir), "--dataset", str(dataset_dir),
+               "--images", "2", "--threads", "1"]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.splitlines()[0] == (
+        f"{model_dir}, the first 2 images of {dataset_dir} (validation), 1 threads"
+    )
+    rows = _table_rows(completed.stdout)
+    assert len(rows) == 4 and rows["fp32"][:2] == ["100.00%", "0.00%"]
+    assert all(90.0 <= float(cells[0].rstrip("%")) <= 100.0 for cells in rows.values())
+    alone = subprocess.run(command[:4], capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 2 and "--model and --dataset go together" in alone.stderr
 
 
 def test_forwards_under_autocast_switches_autocast_per_module_and_restores_them():
