@@ -22,7 +22,6 @@ layer's share of the peak: its linear products at their rate and its attention a
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from clip_rc import CLIPRCConfig
 from clip_rc.fused_ops import _query_blocks, blocked_attention
 from clip_rc.modeling_clip_rc import build_region_attention_mask
-from clip_rc.onednn import linear
+from clip_rc.onednn import interleaved_best_seconds, linear
 from clip_rc.profiling import matmul_peak_gflops
 
 
@@ -146,19 +145,6 @@ def variants(inputs: dict, flex: bool) -> dict[str, Variant]:
     return functions
 
 
-def best_seconds(functions: dict[str, Callable], repeats: int) -> dict[str, float]:
-    """The best of `repeats` timed calls of each function, in turns, after one untimed call each (compilation)."""
-    for function in functions.values():
-        function()
-    best = dict.fromkeys(functions, float("inf"))
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
 def report(inputs: dict, functions: dict[str, Variant], seconds: dict[str, float], peak: float, threads: int) -> str:
     """What was measured, a Markdown table of the variants, and the bound on a tower layer's share of the peak."""
     _, num_heads, num_tokens, head_dim = inputs["query"].shape
@@ -193,7 +179,9 @@ def main(argv: list[str] | None = None):
     inputs = attention_inputs(args.preset, args.grid_size)
     functions = variants(inputs, args.flex)
     with torch.no_grad():
-        seconds = best_seconds({name: variant.function for name, variant in functions.items()}, args.repeats)
+        seconds = interleaved_best_seconds(
+            {name: variant.function for name, variant in functions.items()}, args.repeats
+        )
     peak = matmul_peak_gflops(torch.float32, args.threads, "cpu")
     sys.stdout.write(report(inputs, functions, seconds, peak, args.threads) + "\n")
 

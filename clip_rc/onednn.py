@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from transformers.utils import logging
 
 
-__all__ = ["applies", "linear", "onednn_linear_speedup", "timed_speedup"]
+__all__ = ["applies", "interleaved_best_seconds", "linear", "onednn_linear_speedup", "timed_speedup"]
 
 logger = logging.get_logger(__name__)
 
@@ -39,15 +39,22 @@ def _seconds(function: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def timed_speedup(baseline: Callable[[], object], candidate: Callable[[], object], repeats: int) -> float:
-    """`baseline` time / `candidate` time: one warm-up call of each (kernel selection, buffers), then the best of
-    `repeats` calls each, interleaved so that a busy machine slows both alike."""
-    baseline(), candidate()
-    baseline_best = candidate_best = float("inf")
+def interleaved_best_seconds(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """The best seconds of each function: one warm-up call of each (kernel selection, buffers, compilation), then
+    `repeats` calls each, in turns so that a busy machine slows all alike."""
+    for function in functions.values():
+        function()
+    best = dict.fromkeys(functions, float("inf"))
     for _ in range(repeats):
-        baseline_best = min(baseline_best, _seconds(baseline))
-        candidate_best = min(candidate_best, _seconds(candidate))
-    return baseline_best / candidate_best
+        for name, function in functions.items():
+            best[name] = min(best[name], _seconds(function))
+    return best
+
+
+def timed_speedup(baseline: Callable[[], object], candidate: Callable[[], object], repeats: int) -> float:
+    """`baseline` time / `candidate` time, each the best of `repeats` interleaved calls after a warm-up."""
+    best = interleaved_best_seconds({"baseline": baseline, "candidate": candidate}, repeats)
+    return best["baseline"] / best["candidate"]
 
 
 @functools.cache
